@@ -1,0 +1,6 @@
+"""Drop-in nn.Modules backed by the fused ops (subclasses of the torch modules they replace)."""
+from .gelu import GELU
+from .layer_norm import LayerNorm
+from .softmax import Softmax
+
+__all__ = ["GELU", "LayerNorm", "Softmax"]

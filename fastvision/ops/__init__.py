@@ -1,0 +1,16 @@
+"""Fused ops: torch.library custom ops with autograd, fake (meta) kernels and eager fallbacks.
+
+Each public function is a drop-in for its torch.nn.functional counterpart. It runs
+the Triton kernel where the inputs are supported and the eager op otherwise; the
+``*_decline`` functions say why a kernel would not run (None when it would).
+"""
+from ._common import device_decline, triton_interpreted
+from .gelu import APPROXIMATIONS as GELU_APPROXIMATIONS
+from .gelu import bias_gelu, gelu, gelu_decline
+from .layer_norm import add_layer_norm, layer_norm, layer_norm_decline
+from .softmax import softmax, softmax_decline
+
+__all__ = [
+    "GELU_APPROXIMATIONS", "add_layer_norm", "bias_gelu", "device_decline", "gelu", "gelu_decline", "layer_norm",
+    "layer_norm_decline", "softmax", "softmax_decline", "triton_interpreted",
+]

@@ -1,0 +1,131 @@
+"""GELU (exact and tanh) and fused bias + GELU as torch.library custom ops."""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _common as C
+
+APPROXIMATIONS = ("none", "tanh")
+
+
+def _kernels():
+    return C.triton_kernels.gelu
+
+
+@torch.library.custom_op("fastvision::gelu", mutates_args=())
+def _gelu_op(x: Tensor, approximate: str) -> Tensor:
+    if not C.use_triton(x):
+        return F.gelu(x, approximate=approximate)
+    return _kernels().gelu_fwd(x.contiguous(), approximate == "tanh").view(x.shape)
+
+
+@_gelu_op.register_fake
+def _(x, approximate):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("fastvision::gelu_backward", mutates_args=())
+def _gelu_backward_op(dy: Tensor, x: Tensor, approximate: str) -> Tensor:
+    if not C.use_triton(x):
+        return torch.ops.aten.gelu_backward(dy, x, approximate=approximate)
+    return _kernels().gelu_bwd(dy.contiguous(), x.contiguous(), approximate == "tanh").view(x.shape)
+
+
+@_gelu_backward_op.register_fake
+def _(dy, x, approximate):
+    return x.new_empty(x.shape)
+
+
+def _setup_gelu(ctx, inputs, output):
+    x, approximate = inputs
+    ctx.approximate = approximate
+    ctx.save_for_backward(x)
+
+
+def _gelu_backward(ctx, dy):
+    (x,) = ctx.saved_tensors
+    return torch.ops.fastvision.gelu_backward(dy, x, ctx.approximate), None
+
+
+_gelu_op.register_autograd(_gelu_backward, setup_context=_setup_gelu)
+
+
+@torch.library.custom_op("fastvision::bias_gelu", mutates_args=())
+def _bias_gelu_op(x: Tensor, bias: Tensor, approximate: str) -> Tensor:
+    if not C.use_triton(x):
+        return F.gelu(x + bias, approximate=approximate)
+    N = x.shape[-1]
+    return _kernels().bias_gelu_fwd(C.as_rows(x, N), bias.contiguous(), approximate == "tanh").view(x.shape)
+
+
+@_bias_gelu_op.register_fake
+def _(x, bias, approximate):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("fastvision::bias_gelu_backward", mutates_args=())
+def _bias_gelu_backward_op(dy: Tensor, x: Tensor, bias: Tensor, approximate: str) -> Tuple[Tensor, Tensor]:
+    N = x.shape[-1]
+    if not C.use_triton(x):
+        dx = torch.ops.aten.gelu_backward(dy, x + bias, approximate=approximate).to(x.dtype)
+        return dx, dx.reshape(-1, N).sum(0, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+    dx, db = _kernels().bias_gelu_bwd(C.as_rows(dy, N), C.as_rows(x, N), bias.contiguous(), approximate == "tanh")
+    return dx.view(x.shape), db
+
+
+@_bias_gelu_backward_op.register_fake
+def _(dy, x, bias, approximate):
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.new_empty(x.shape), x.new_empty(x.shape[-1], dtype=acc)
+
+
+def _setup_bias_gelu(ctx, inputs, output):
+    x, bias, approximate = inputs
+    ctx.approximate = approximate
+    ctx.save_for_backward(x, bias)
+
+
+def _bias_gelu_backward(ctx, dy):
+    x, bias = ctx.saved_tensors
+    dx, db = torch.ops.fastvision.bias_gelu_backward(dy, x, bias, ctx.approximate)
+    return dx, db.to(bias.dtype), None
+
+
+_bias_gelu_op.register_autograd(_bias_gelu_backward, setup_context=_setup_bias_gelu)
+
+
+def _check_approximate(approximate: str) -> None:
+    if approximate not in APPROXIMATIONS:
+        raise ValueError(f"approximate must be one of {APPROXIMATIONS}, got {approximate!r}")
+
+
+def gelu_decline(x: Tensor, bias: Optional[Tensor] = None) -> Optional[str]:
+    """Why the fused GELU will not run on these inputs (None: it will)."""
+    return C.first_decline(C.device_decline(x), C.dtype_decline(x),
+                           None if bias is None else C.dtype_decline(bias))
+
+
+def gelu(x: Tensor, approximate: str = "none") -> Tensor:
+    """Drop-in for F.gelu."""
+    C.check_floating("input", x)
+    _check_approximate(approximate)
+    if gelu_decline(x) is not None:
+        return F.gelu(x, approximate=approximate)
+    return torch.ops.fastvision.gelu(x, approximate)
+
+
+def bias_gelu(x: Tensor, bias: Tensor, approximate: str = "none") -> Tensor:
+    """F.gelu(x + bias) in one pass; bias has the size of x's last dimension."""
+    C.check_floating("input", x)
+    C.check_floating("bias", bias)
+    _check_approximate(approximate)
+    if bias.dim() != 1 or x.dim() == 0 or bias.shape[0] != x.shape[-1]:
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({x.shape[-1] if x.dim() else '?'},) "
+                         f"to match the input's last dimension")
+    C.check_same_device(input=x, bias=bias)
+    dtype = torch.promote_types(x.dtype, bias.dtype)
+    if gelu_decline(x, bias) is not None or x.dtype != dtype:
+        return F.gelu(x + bias, approximate=approximate)
+    return torch.ops.fastvision.bias_gelu(x, bias, approximate)

@@ -1,0 +1,228 @@
+"""LayerNorm and residual-add + LayerNorm as torch.library custom ops.
+
+``layer_norm(x, normalized_shape, weight, bias, eps)`` matches F.layer_norm.
+``add_layer_norm(x, residual, ...)`` returns (LN(x + residual), x + residual): the
+sum is the next residual stream, so a transformer block reads it once.
+"""
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _common as C
+
+_LIB = "fastvision"
+
+
+def _kernels():
+    return C.triton_kernels.layer_norm
+
+
+def _stats_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _eager_forward(h: Tensor, weight, bias, eps):
+    hf = h.to(_stats_dtype(h))
+    mean = hf.mean(-1)
+    rstd = torch.rsqrt((hf - mean[..., None]).pow(2).mean(-1) + eps)
+    y = (hf - mean[..., None]) * rstd[..., None]
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y.to(h.dtype), mean, rstd
+
+
+@torch.library.custom_op(f"{_LIB}::layer_norm", mutates_args=())
+def _layer_norm_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
+                   ) -> Tuple[Tensor, Tensor, Tensor]:
+    N = x.shape[-1]
+    if not C.use_triton(x):
+        return _eager_forward(x, weight, bias, eps)
+    y, _, mean, rstd = _kernels().layer_norm_fwd(C.as_rows(x, N), weight, bias, eps)
+    return y.view(x.shape), mean.view(x.shape[:-1]), rstd.view(x.shape[:-1])
+
+
+@_layer_norm_op.register_fake
+def _(x, weight, bias, eps):
+    stats = x.new_empty(x.shape[:-1], dtype=_stats_dtype(x))
+    return x.new_empty(x.shape), stats, stats.new_empty(stats.shape)
+
+
+@torch.library.custom_op(f"{_LIB}::add_layer_norm", mutates_args=())
+def _add_layer_norm_op(x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
+                       ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    N = x.shape[-1]
+    if not C.use_triton(x):
+        h = x + residual
+        y, mean, rstd = _eager_forward(h, weight, bias, eps)
+        return y, h, mean, rstd
+    y, h, mean, rstd = _kernels().layer_norm_fwd(C.as_rows(x, N), weight, bias, eps, residual=C.as_rows(residual, N))
+    return y.view(x.shape), h.view(x.shape), mean.view(x.shape[:-1]), rstd.view(x.shape[:-1])
+
+
+@_add_layer_norm_op.register_fake
+def _(x, residual, weight, bias, eps):
+    stats = x.new_empty(x.shape[:-1], dtype=_stats_dtype(x))
+    return x.new_empty(x.shape), x.new_empty(x.shape), stats, stats.new_empty(stats.shape)
+
+
+@torch.library.custom_op(f"{_LIB}::layer_norm_backward", mutates_args=())
+def _layer_norm_backward_op(dy: Tensor, h: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
+                            skip_grad: Optional[Tensor], needs_weight_grad: bool
+                            ) -> Tuple[Tensor, Tensor, Tensor]:
+    N = h.shape[-1]
+    if not C.use_triton(h):
+        return _eager_backward(dy, h, weight, mean, rstd, skip_grad, needs_weight_grad)
+    dx, dw, db = _kernels().layer_norm_bwd(
+        C.as_rows(dy, N), C.as_rows(h, N), weight, rstd.reshape(-1),
+        skip_grad=None if skip_grad is None else C.as_rows(skip_grad, N), needs_weight_grad=needs_weight_grad)
+    return dx.view(h.shape), C.empty_if_none(dw, h), C.empty_if_none(db, h)
+
+
+@_layer_norm_backward_op.register_fake
+def _(dy, h, weight, mean, rstd, skip_grad, needs_weight_grad):
+    n = h.shape[-1] if needs_weight_grad else 0
+    acc = _stats_dtype(h)
+    return h.new_empty(h.shape), h.new_empty(n, dtype=acc), h.new_empty(n, dtype=acc)
+
+
+def _eager_backward(dy, h, weight, mean, rstd, skip_grad, needs_weight_grad):
+    acc = _stats_dtype(h)
+    xhat = (h.to(acc) - mean[..., None]) * rstd[..., None]
+    dyf = dy.to(acc)
+    g = dyf * weight.to(acc) if weight is not None else dyf
+    dx = (g - xhat * (g * xhat).mean(-1, keepdim=True) - g.mean(-1, keepdim=True)) * rstd[..., None]
+    if skip_grad is not None:
+        dx = dx + skip_grad.to(acc)
+    if not needs_weight_grad:
+        return dx.to(h.dtype), h.new_empty(0, dtype=acc), h.new_empty(0, dtype=acc)
+    rows = h.shape[-1]
+    return dx.to(h.dtype), (dyf * xhat).reshape(-1, rows).sum(0), dyf.reshape(-1, rows).sum(0)
+
+
+def _weight_grads(ctx, dw, db, weight, bias):
+    needs_w = weight is not None and ctx.needs_input_grad[ctx.weight_index]
+    needs_b = bias is not None and ctx.needs_input_grad[ctx.weight_index + 1]
+    return (dw.to(weight.dtype) if needs_w else None), (db.to(bias.dtype) if needs_b else None)
+
+
+def _needs_weight_grad(ctx) -> bool:
+    i = ctx.weight_index
+    return bool(ctx.needs_input_grad[i] or ctx.needs_input_grad[i + 1])
+
+
+def _setup_layer_norm(ctx, inputs, output):
+    x, weight, bias, _ = inputs
+    _, mean, rstd = output
+    ctx.weight_index = 1
+    ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+    ctx.save_for_backward(x, weight, bias, mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _layer_norm_backward(ctx, dy, _dmean, _drstd):
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    weight = weight if ctx.has_weight else None
+    bias = bias if ctx.has_bias else None
+    dx, dw, db = torch.ops.fastvision.layer_norm_backward(dy, x, weight, mean, rstd, None, _needs_weight_grad(ctx))
+    dw, db = _weight_grads(ctx, dw, db, weight, bias)
+    return dx, dw, db, None
+
+
+_layer_norm_op.register_autograd(_layer_norm_backward, setup_context=_setup_layer_norm)
+
+
+def _setup_add_layer_norm(ctx, inputs, output):
+    _, _, weight, bias, _ = inputs
+    _, h, mean, rstd = output
+    ctx.weight_index = 2
+    ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+    ctx.save_for_backward(h, weight, bias, mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _add_layer_norm_backward(ctx, dy, dh, _dmean, _drstd):
+    h, weight, bias, mean, rstd = ctx.saved_tensors
+    weight = weight if ctx.has_weight else None
+    bias = bias if ctx.has_bias else None
+    if dy is None:
+        dy = torch.zeros_like(h)
+    dx, dw, db = torch.ops.fastvision.layer_norm_backward(dy, h, weight, mean, rstd, dh, _needs_weight_grad(ctx))
+    dw, db = _weight_grads(ctx, dw, db, weight, bias)
+    return dx, dx, dw, db, None
+
+
+_add_layer_norm_op.register_autograd(_add_layer_norm_backward, setup_context=_setup_add_layer_norm)
+
+
+def _normalized_size(normalized_shape) -> Tuple[int, ...]:
+    if isinstance(normalized_shape, int):
+        return (normalized_shape,)
+    return tuple(int(s) for s in normalized_shape)
+
+
+def _validate(x, normalized_shape, weight, bias, residual=None) -> Tuple[int, ...]:
+    C.check_floating("input", x)
+    C.check_floating("weight", weight)
+    C.check_floating("bias", bias)
+    C.check_floating("residual", residual)
+    shape = _normalized_size(normalized_shape)
+    if len(shape) == 0 or x.dim() < len(shape) or tuple(x.shape[-len(shape):]) != shape:
+        raise ValueError(f"input of shape {tuple(x.shape)} does not end with normalized_shape {shape}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected normalized_shape {shape}")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"residual has shape {tuple(residual.shape)}, expected the input's {tuple(x.shape)}")
+    C.check_same_device(input=x, weight=weight, bias=bias, residual=residual)
+    return shape
+
+
+def layer_norm_decline(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None) -> Optional[str]:
+    """Why the fused LayerNorm will not run on these inputs (None: it will)."""
+    return C.first_decline(
+        C.device_decline(x), C.dtype_decline(x),
+        *(C.dtype_decline(t) for t in (weight, bias) if t is not None))
+
+
+def _last_dim_view(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], shape: Tuple[int, ...]):
+    """Multi-dimensional normalized_shape folded into one last dimension."""
+    if len(shape) == 1:
+        return x, weight, bias
+    fold = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
+    return x.reshape(*x.shape[: x.dim() - len(shape)], -1), fold(weight), fold(bias)
+
+
+def layer_norm(x: Tensor, normalized_shape, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+               eps: float = 1e-5) -> Tensor:
+    """Drop-in for F.layer_norm: the fused kernel where supported, else F.layer_norm itself."""
+    shape = _validate(x, normalized_shape, weight, bias)
+    x, weight, bias = C.autocast_cast(C.autocast_dtype_for(x.device.type, "fp32"), x, weight, bias)
+    if layer_norm_decline(x, weight, bias) is not None:
+        return F.layer_norm(x, shape, weight, bias, eps)
+    flat, w, b = _last_dim_view(x, weight, bias, shape)
+    return torch.ops.fastvision.layer_norm(flat, w, b, float(eps))[0].view(x.shape)
+
+
+def add_layer_norm(x: Tensor, residual: Tensor, normalized_shape, weight: Optional[Tensor] = None,
+                   bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tuple[Tensor, Tensor]:
+    """(F.layer_norm(x + residual), x + residual), fused into one pass where supported.
+
+    Mixed input dtypes promote as ``x + residual`` does; under CUDA autocast the sum
+    is normalised in float32, as eager autocast runs layer_norm.
+    """
+    shape = _validate(x, normalized_shape, weight, bias, residual)
+    dtype = torch.promote_types(x.dtype, residual.dtype)
+    x, residual = x.to(dtype), residual.to(dtype)
+    autocast_dtype = C.autocast_dtype_for(x.device.type, "fp32")
+    weight, bias = C.autocast_cast(autocast_dtype, weight, bias)
+    fusable = autocast_dtype in (None, dtype) and layer_norm_decline(x, weight, bias) is None
+    if not fusable:
+        h = x + residual
+        return layer_norm(h, shape, weight, bias, eps), h
+    flat, w, b = _last_dim_view(x, weight, bias, shape)
+    y, h, _, _ = torch.ops.fastvision.add_layer_norm(flat, residual.reshape(flat.shape), w, b, float(eps))
+    return y.view(x.shape), h.view(x.shape)

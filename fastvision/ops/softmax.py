@@ -1,0 +1,68 @@
+"""Softmax over one dimension as a torch.library custom op (kernel works on the last dim)."""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _common as C
+
+
+@torch.library.custom_op("fastvision::softmax", mutates_args=())
+def _softmax_op(x: Tensor) -> Tensor:
+    if not C.use_triton(x):
+        return torch.softmax(x, dim=-1)
+    return C.triton_kernels.softmax.softmax_fwd(C.as_rows(x, x.shape[-1])).view(x.shape)
+
+
+@_softmax_op.register_fake
+def _(x):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("fastvision::softmax_backward", mutates_args=())
+def _softmax_backward_op(dy: Tensor, y: Tensor) -> Tensor:
+    if not C.use_triton(y):
+        return y * (dy - (dy * y).sum(-1, keepdim=True))
+    N = y.shape[-1]
+    return C.triton_kernels.softmax.softmax_bwd(C.as_rows(dy, N), C.as_rows(y, N)).view(y.shape)
+
+
+@_softmax_backward_op.register_fake
+def _(dy, y):
+    return y.new_empty(y.shape)
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(output)
+
+
+def _backward(ctx, dy):
+    (y,) = ctx.saved_tensors
+    return torch.ops.fastvision.softmax_backward(dy, y)
+
+
+_softmax_op.register_autograd(_backward, setup_context=_setup)
+
+
+def softmax_decline(x: Tensor) -> Optional[str]:
+    """Why the fused softmax will not run on ``x`` (None: it will)."""
+    return C.first_decline(C.device_decline(x), C.dtype_decline(x))
+
+
+def softmax(x: Tensor, dim: int = -1) -> Tensor:
+    """Drop-in for torch.softmax(x, dim): the fused kernel where supported."""
+    C.check_floating("input", x)
+    if not isinstance(dim, int):
+        raise TypeError(f"dim must be an int, got {type(dim).__name__}")
+    if x.dim() == 0:
+        raise ValueError("input must have at least one dimension")
+    if not -x.dim() <= dim < x.dim():
+        raise ValueError(f"dim={dim} is out of range for an input with {x.dim()} dimensions")
+    (x,) = C.autocast_cast(C.autocast_dtype_for(x.device.type, "fp32"), x)
+    if softmax_decline(x) is not None:
+        return torch.softmax(x, dim)
+    dim = dim % x.dim()
+    if dim == x.dim() - 1:
+        return torch.ops.fastvision.softmax(x)
+    # The kernel reduces over the last dimension: move dim there and back.
+    return torch.ops.fastvision.softmax(x.movedim(dim, -1)).movedim(-1, dim)

@@ -1,0 +1,39 @@
+"""Shared test utilities: inputs, float64 references, gradient capture."""
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from fastvision.testing import assert_close, tolerance  # noqa: F401  (re-exported for tests)
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def randn(*shape, dtype=torch.float32, device="cpu", std=1.0, mean=0.0, requires_grad=False):
+    """Fresh normal values rounded to ``dtype`` (never zeros)."""
+    t = (torch.randn(*shape, dtype=torch.float64) * std + mean).to(dtype=dtype, device=device)
+    return t.requires_grad_(requires_grad)
+
+
+def float64_copies(*tensors: Optional[torch.Tensor]):
+    """Float64 CPU leaf copies of the same (already rounded) values, with grad where the source had it."""
+    return tuple(None if t is None else t.detach().to("cpu", torch.float64).requires_grad_(t.requires_grad)
+                 for t in tensors)
+
+
+def run_with_grads(fn: Callable, inputs: Sequence[Optional[torch.Tensor]], grad_out: torch.Tensor):
+    """fn(*inputs) and the gradients of <fn(*inputs), grad_out> for every input that requires grad."""
+    out = fn(*inputs)
+    out.backward(grad_out.to(device=out.device, dtype=out.dtype))
+    return out, [None if t is None or not t.requires_grad else t.grad for t in inputs]
+
+
+def check_against_float64(fn: Callable, ref_fn: Callable, inputs, grad_out, dtype, names):
+    """Forward and every input gradient of fn vs ref_fn on float64 copies, within dtype's tolerance."""
+    out, grads = run_with_grads(fn, inputs, grad_out)
+    ref_out, ref_grads = run_with_grads(ref_fn, float64_copies(*inputs), grad_out.double().cpu())
+    assert out.dtype == dtype, f"output dtype {out.dtype}, expected {dtype}"
+    assert_close(out, ref_out, dtype, name="output")
+    for name, g, ref_g in zip(names, grads, ref_grads):
+        if ref_g is not None:
+            assert g is not None, f"no gradient for {name}"
+            assert_close(g, ref_g, dtype, name=f"grad of {name}")

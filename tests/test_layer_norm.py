@@ -1,0 +1,162 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastvision
+from fastvision.modules import LayerNorm
+from helpers import DTYPES, check_against_float64, float64_copies, randn
+from fastvision.testing import assert_close
+from conftest import kernel_devices
+
+ROWS = (1, 7, 197 * 3)
+HIDDEN = (1, 37, 384, 768, 1000, 4096)
+
+
+def _ln(n):
+    return lambda x, w, b: fastvision.ops.layer_norm(x, (n,), w, b, 1e-5)
+
+
+def reference_layer_norm(x, w, b, eps=1e-5, dims=1):
+    """Float64 LayerNorm spelled out (torch's own float64 kernel rounds xhat=0 to 1e-15 at width 1)."""
+    axes = tuple(range(-dims, 0))
+    xc = x - x.mean(axes, keepdim=True)
+    y = xc / torch.sqrt((xc * xc).mean(axes, keepdim=True) + eps)
+    y = y * w if w is not None else y
+    return y + b if b is not None else y
+
+
+def _ref_ln(n):
+    return lambda x, w, b: reference_layer_norm(x, w, b)
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("hidden", HIDDEN)
+@pytest.mark.parametrize("rows", ROWS)
+def test_layer_norm_matches_float64(device, dtype, rows, hidden):
+    x = randn(rows, hidden, dtype=dtype, device=device, std=2.0, mean=0.5, requires_grad=True)
+    w = randn(hidden, dtype=dtype, device=device, mean=1.0, requires_grad=True)
+    b = randn(hidden, dtype=dtype, device=device, requires_grad=True)
+    dy = randn(rows, hidden, dtype=dtype, device=device)
+    check_against_float64(_ln(hidden), _ref_ln(hidden), (x, w, b), dy, dtype, ("x", "weight", "bias"))
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("hidden", (5000, 10007))
+def test_layer_norm_wide_rows_streamed(device, hidden):
+    x = randn(3, hidden, device=device, std=3.0, requires_grad=True)
+    w = randn(hidden, device=device, requires_grad=True)
+    b = randn(hidden, device=device, requires_grad=True)
+    check_against_float64(_ln(hidden), _ref_ln(hidden), (x, w, b), randn(3, hidden, device=device),
+                          torch.float32, ("x", "weight", "bias"))
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("affine", ("none", "weight_only"))
+def test_layer_norm_without_affine(device, affine):
+    x = randn(2, 13, 96, device=device, requires_grad=True)
+    w = randn(96, device=device, requires_grad=True) if affine == "weight_only" else None
+    fn = lambda x, w: fastvision.ops.layer_norm(x, (96,), w, None)  # noqa: E731
+    ref = lambda x, w: reference_layer_norm(x, w, None)  # noqa: E731
+    check_against_float64(fn, ref, (x, w), randn(2, 13, 96, device=device), torch.float32, ("x", "weight"))
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("hidden", (37, 768, 10007))
+def test_layer_norm_large_mean_tiny_variance(device, hidden):
+    x = randn(4, hidden, device=device, mean=1e4, std=1e-2, requires_grad=True)
+    w = randn(hidden, device=device, requires_grad=True)
+    b = randn(hidden, device=device, requires_grad=True)
+    check_against_float64(_ln(hidden), _ref_ln(hidden), (x, w, b), randn(4, hidden, device=device),
+                          torch.float32, ("x", "weight", "bias"))
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_layer_norm_non_contiguous_and_multidim_shape(device):
+    base = randn(6, 40, 24, device=device)
+    x = base.transpose(0, 1)[:, ::2].detach().requires_grad_()  # (40, 3, 24), rows not contiguous
+    w = randn(3, 24, device=device, requires_grad=True)
+    b = randn(3, 24, device=device, requires_grad=True)
+    fn = lambda x, w, b: fastvision.ops.layer_norm(x, (3, 24), w, b)  # noqa: E731
+    ref = lambda x, w, b: reference_layer_norm(x, w, b, dims=2)  # noqa: E731
+    check_against_float64(fn, ref, (x, w, b), randn(40, 3, 24, device=device), torch.float32, ("x", "w", "b"))
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("hidden", (37, 384, 5000))
+def test_add_layer_norm_matches_float64(device, dtype, hidden):
+    x = randn(2, 37, hidden, dtype=dtype, device=device, requires_grad=True)
+    r = randn(2, 37, hidden, dtype=dtype, device=device, std=3.0, requires_grad=True)
+    w = randn(hidden, dtype=dtype, device=device, requires_grad=True)
+    b = randn(hidden, dtype=dtype, device=device, requires_grad=True)
+    dy = randn(2, 37, hidden, dtype=dtype, device=device)
+    dh = randn(2, 37, hidden, dtype=dtype, device=device)
+
+    def both(fn, x, r, w, b):
+        y, h = fn(x, r, w, b)
+        return torch.stack([y.to(torch.float64), h.to(torch.float64)])
+
+    def fused(x, r, w, b):
+        return fastvision.ops.add_layer_norm(x, r, (hidden,), w, b)
+
+    def eager(x, r, w, b):
+        h = x + r
+        return reference_layer_norm(h, w, b), h
+
+    inputs = (x, r, w, b)
+    out = both(fused, *inputs)
+    out.backward(torch.stack([dy, dh]).to(device, torch.float64))
+    refs = float64_copies(*inputs)
+    ref = both(eager, *refs)
+    ref.backward(torch.stack([dy, dh]).double().cpu())
+    assert_close(out[0], ref[0], dtype, name="y")
+    assert_close(out[1], ref[1], dtype, name="x + residual")
+    for name, t, rt in zip(("x", "residual", "weight", "bias"), inputs, refs):
+        assert_close(t.grad, rt.grad, dtype, name=f"grad of {name}")
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_layer_norm_gradcheck_float64(device):
+    x = randn(3, 37, dtype=torch.float64, device=device, requires_grad=True)
+    w = randn(37, dtype=torch.float64, device=device, requires_grad=True)
+    b = randn(37, dtype=torch.float64, device=device, requires_grad=True)
+    assert torch.autograd.gradcheck(_ln(37), (x, w, b))
+    r = randn(3, 37, dtype=torch.float64, device=device, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x, r, w, b: fastvision.ops.add_layer_norm(x, r, (37,), w, b), (x, r, w, b))
+
+
+def test_layer_norm_module_is_drop_in():
+    ref = torch.nn.LayerNorm(384, eps=1e-6)
+    with torch.no_grad():
+        ref.weight.normal_()
+        ref.bias.normal_()
+    mod = LayerNorm(384, eps=1e-6)
+    mod.load_state_dict(ref.state_dict())
+    assert isinstance(mod, torch.nn.LayerNorm)
+    assert list(mod.state_dict()) == list(ref.state_dict())
+    assert (mod.normalized_shape, mod.eps, mod.elementwise_affine) == (ref.normalized_shape, ref.eps,
+                                                                       ref.elementwise_affine)
+    x = randn(2, 5, 384)
+    assert_close(mod(x), ref(x), torch.float32)
+    assert LayerNorm(8, elementwise_affine=False).weight is None
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda: fastvision.ops.layer_norm(torch.randn(4, 8), (7,)), "normalized_shape"),
+    (lambda: fastvision.ops.layer_norm(torch.randint(0, 5, (4, 8)), (8,)), "input"),
+    (lambda: fastvision.ops.layer_norm(torch.randn(4, 8), (8,), torch.randn(7)), "weight"),
+    (lambda: fastvision.ops.layer_norm(torch.randn(4, 8), (8,), None, torch.randn(8, 1)), "bias"),
+    (lambda: fastvision.ops.layer_norm(torch.randn(4, 8), (8,), torch.ones(8, dtype=torch.int64)), "weight"),
+    (lambda: fastvision.ops.add_layer_norm(torch.randn(4, 8), torch.randn(3, 8), (8,)), "residual"),
+])
+def test_layer_norm_bad_input_names_the_argument(bad, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        bad()
+
+
+def test_layer_norm_declines_with_reason():
+    x = torch.randn(2, 8)
+    reason = fastvision.ops.layer_norm_decline(x.to(torch.complex64))
+    assert reason is not None and "dtype" in reason

@@ -1,0 +1,157 @@
+"""GELU, exact (erf) and tanh forms, plain and fused with a bias add; forward and backward.
+
+exact: gelu(x) = x * Phi(x),                 gelu'(x) = Phi(x) + x * phi(x)
+tanh:  gelu(x) = x/2 * (1 + tanh(u)),  u = sqrt(2/pi) * (x + 0.044715 x^3)
+       gelu'(x) = (1 + t)/2 + x/2 * (1 - t^2) * sqrt(2/pi) * (1 + 3 * 0.044715 x^2)
+The bias variant computes gelu(x + b) over rows of width N; its backward also
+reduces db = sum_rows(dy * gelu'(x + b)) through per-program partial rows.
+"""
+import triton
+import triton.language as tl
+
+from ._launch import accumulator_dtype, new_output, next_power_of_2, reduction_programs
+
+SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+INV_SQRT_2 = tl.constexpr(0.7071067811865476)
+INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+TANH_COEF = tl.constexpr(0.044715)
+ELEMENTWISE_BLOCK = 1024
+
+
+@triton.jit
+def _tanh(u):
+    # tanh through exp, exact at the saturated ends: exp overflows to inf and 2/inf = 0.
+    return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
+
+
+@triton.jit
+def gelu_math(x, APPROX_TANH: tl.constexpr):
+    if APPROX_TANH:
+        y = 0.5 * x * (1.0 + _tanh(SQRT_2_OVER_PI * (x + TANH_COEF * x * x * x)))
+    else:
+        y = 0.5 * x * (1.0 + tl.math.erf(x * INV_SQRT_2))
+    return y
+
+
+@triton.jit
+def gelu_grad_math(x, APPROX_TANH: tl.constexpr):
+    if APPROX_TANH:
+        t = _tanh(SQRT_2_OVER_PI * (x + TANH_COEF * x * x * x))
+        g = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * TANH_COEF * x * x)
+    else:
+        g = 0.5 * (1.0 + tl.math.erf(x * INV_SQRT_2)) + x * tl.exp(-0.5 * x * x) * INV_SQRT_2PI
+    return g
+
+
+@triton.jit
+def gelu_fwd_kernel(X, Y, numel, APPROX_TANH: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    acc_ty = tl.float64 if X.dtype.element_ty == tl.float64 else tl.float32
+    x = tl.load(X + offs, mask=mask, other=0.0).to(acc_ty)
+    tl.store(Y + offs, gelu_math(x, APPROX_TANH), mask=mask)
+
+
+@triton.jit
+def gelu_bwd_kernel(DY, X, DX, numel, APPROX_TANH: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    acc_ty = tl.float64 if X.dtype.element_ty == tl.float64 else tl.float32
+    x = tl.load(X + offs, mask=mask, other=0.0).to(acc_ty)
+    dy = tl.load(DY + offs, mask=mask, other=0.0).to(acc_ty)
+    tl.store(DX + offs, dy * gelu_grad_math(x, APPROX_TANH), mask=mask)
+
+
+@triton.jit
+def bias_gelu_fwd_kernel(X, Bias, Y, M, N, stride_x, stride_y,
+                         APPROX_TANH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    mask = (rows < M)[:, None] & col_mask[None, :]
+    rows = rows.to(tl.int64)[:, None]
+    acc_ty = tl.float64 if X.dtype.element_ty == tl.float64 else tl.float32
+    b = tl.load(Bias + cols, mask=col_mask, other=0.0)
+    x = tl.load(X + rows * stride_x + cols[None, :], mask=mask, other=0.0)
+    # x + b in the promoted input dtype first, as the eager x + b, then float32 math.
+    pre = (x + b[None, :]).to(acc_ty)
+    tl.store(Y + rows * stride_y + cols[None, :], gelu_math(pre, APPROX_TANH), mask=mask)
+
+
+@triton.jit
+def bias_gelu_bwd_kernel(DY, X, Bias, DX, DB_PARTIAL, M, N, stride_dy, stride_x, stride_dx, rows_per_program,
+                         APPROX_TANH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    acc_ty = tl.float64 if X.dtype.element_ty == tl.float64 else tl.float32
+    b = tl.load(Bias + cols, mask=col_mask, other=0.0)
+    db_acc = tl.zeros([BLOCK_N], dtype=acc_ty)
+    row_start = pid.to(tl.int64) * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    for start in range(row_start, row_end, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        mask = (rows < row_end)[:, None] & col_mask[None, :]
+        rows = rows[:, None]
+        x = tl.load(X + rows * stride_x + cols[None, :], mask=mask, other=0.0)
+        dy = tl.load(DY + rows * stride_dy + cols[None, :], mask=mask, other=0.0).to(acc_ty)
+        pre = (x + b[None, :]).to(acc_ty)
+        dx = tl.where(mask, dy * gelu_grad_math(pre, APPROX_TANH), 0.0)
+        tl.store(DX + rows * stride_dx + cols[None, :], dx, mask=mask)
+        db_acc += tl.sum(dx, axis=0)
+    tl.store(DB_PARTIAL + pid.to(tl.int64) * N + cols, db_acc, mask=col_mask)
+
+
+def _elementwise_grid(numel):
+    return (triton.cdiv(numel, ELEMENTWISE_BLOCK),)
+
+
+def gelu_fwd(x, approximate_tanh: bool):
+    """x: contiguous, any shape."""
+    y = new_output(x.shape, dtype=x.dtype, device=x.device)
+    if x.numel():
+        gelu_fwd_kernel[_elementwise_grid(x.numel())](x, y, x.numel(), APPROX_TANH=approximate_tanh,
+                                                      BLOCK=ELEMENTWISE_BLOCK, num_warps=4)
+    return y
+
+
+def gelu_bwd(dy, x, approximate_tanh: bool):
+    dx = new_output(x.shape, dtype=x.dtype, device=x.device)
+    if x.numel():
+        gelu_bwd_kernel[_elementwise_grid(x.numel())](dy, x, dx, x.numel(), APPROX_TANH=approximate_tanh,
+                                                      BLOCK=ELEMENTWISE_BLOCK, num_warps=4)
+    return dx
+
+
+def _bias_blocks(N):
+    block_n = min(next_power_of_2(N), 128)
+    return 16, block_n
+
+
+def bias_gelu_fwd(x, bias, approximate_tanh: bool):
+    """x: (M, N) with unit column stride, bias: (N,)."""
+    M, N = x.shape
+    y = new_output((M, N), dtype=x.dtype, device=x.device)
+    if M and N:
+        block_m, block_n = _bias_blocks(N)
+        grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+        bias_gelu_fwd_kernel[grid](x, bias, y, M, N, x.stride(0), y.stride(0), APPROX_TANH=approximate_tanh,
+                                   BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+    return y
+
+
+def bias_gelu_bwd(dy, x, bias, approximate_tanh: bool):
+    """Returns dx (dtype of x) and dbias (float32, float64 for float64 inputs)."""
+    M, N = x.shape
+    dx = new_output((M, N), dtype=x.dtype, device=x.device)
+    if not (M and N):
+        return dx, dx.new_zeros(N, dtype=accumulator_dtype(x.dtype))
+    block_m, block_n = _bias_blocks(N)
+    programs = max(1, reduction_programs(M, x.device) // triton.cdiv(N, block_n))
+    rows_per_program = triton.cdiv(M, programs)
+    programs = triton.cdiv(M, rows_per_program)
+    db_partial = new_output((programs, N), dtype=accumulator_dtype(x.dtype), device=x.device)
+    bias_gelu_bwd_kernel[(programs, triton.cdiv(N, block_n))](
+        dy, x, bias, dx, db_partial, M, N, dy.stride(0), x.stride(0), dx.stride(0), rows_per_program,
+        APPROX_TANH=approximate_tanh, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+    return dx, db_partial.sum(0)

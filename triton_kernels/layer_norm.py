@@ -1,0 +1,245 @@
+"""LayerNorm over the last dimension, optionally fused with a residual add.
+
+Forward, per row:  h = x (+ r);  y = (h - mean) * rstd * w + b
+Backward, per row: xhat = (h - mean) * rstd,  g = dy * w
+                   dh = rstd * (g - mean(g * xhat) * xhat - mean(g)) (+ dh_skip)
+                   dw = sum_rows dy * xhat,  db = sum_rows dy
+dw and db are reduced deterministically: each program accumulates the rows it
+owns into a private row of a partial buffer, then the partial rows are summed.
+Rows with a large mean and a tiny spread (mean 1e4, std 1e-2) keep their precision:
+values are shifted by the row's first element before any sum (x - shift is exact for
+nearby floats), the variance is a second pass over centred values, and the backward
+recomputes the centred values the same way instead of subtracting a rounded mean.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import accumulator_dtype, new_output, next_power_of_2, reduction_programs, warps_for_row
+
+# Rows up to this width live in registers; wider rows are streamed in blocks.
+MAX_SINGLE_BLOCK = 8192
+STREAM_BLOCK = 4096
+
+
+@triton.jit
+def layer_norm_fwd_kernel(
+    X, R, H, Y, W, B, Mean, Rstd,
+    stride_x, stride_r, stride_h, stride_y,
+    N, eps,
+    HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    acc_ty = tl.float64 if X.dtype.element_ty == tl.float64 else tl.float32
+    if HAS_RESIDUAL:
+        src = H
+        stride_src = stride_h
+    else:
+        src = X
+        stride_src = stride_x
+
+    if SINGLE_BLOCK:
+        cols = tl.arange(0, BLOCK_N)
+        mask = cols < N
+        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+        if HAS_RESIDUAL:
+            x += tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
+            tl.store(H + row * stride_h + cols, x, mask=mask)
+        x = x.to(acc_ty)
+        shift = tl.sum(tl.where(cols == 0, x, 0.0), axis=0)
+        d = tl.where(mask, x - shift, 0.0)
+        mean_d = tl.sum(d, axis=0) / N
+        xc = tl.where(mask, d - mean_d, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / N + eps)
+        mean = shift + mean_d
+        y = xc * rstd
+        if HAS_WEIGHT:
+            y *= tl.load(W + cols, mask=mask).to(acc_ty)
+        if HAS_BIAS:
+            y += tl.load(B + cols, mask=mask).to(acc_ty)
+        tl.store(Y + row * stride_y + cols, y, mask=mask)
+    else:
+        shift = tl.load(X + row * stride_x)
+        if HAS_RESIDUAL:
+            shift += tl.load(R + row * stride_r)
+        shift = shift.to(acc_ty)
+        total = tl.zeros([BLOCK_N], dtype=acc_ty)
+        for start in range(0, N, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            mask = cols < N
+            x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+            if HAS_RESIDUAL:
+                x += tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
+                tl.store(H + row * stride_h + cols, x, mask=mask)
+            total += tl.where(mask, x.to(acc_ty) - shift, 0.0)
+        mean_d = tl.sum(total, axis=0) / N
+        total = tl.zeros([BLOCK_N], dtype=acc_ty)
+        for start in range(0, N, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            mask = cols < N
+            x = tl.load(src + row * stride_src + cols, mask=mask, other=0.0).to(acc_ty)
+            xc = tl.where(mask, (x - shift) - mean_d, 0.0)
+            total += xc * xc
+        rstd = 1.0 / tl.sqrt(tl.sum(total, axis=0) / N + eps)
+        mean = shift + mean_d
+        for start in range(0, N, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            mask = cols < N
+            x = tl.load(src + row * stride_src + cols, mask=mask, other=0.0).to(acc_ty)
+            y = ((x - shift) - mean_d) * rstd
+            if HAS_WEIGHT:
+                y *= tl.load(W + cols, mask=mask).to(acc_ty)
+            if HAS_BIAS:
+                y += tl.load(B + cols, mask=mask).to(acc_ty)
+            tl.store(Y + row * stride_y + cols, y, mask=mask)
+    tl.store(Mean + row, mean)
+    tl.store(Rstd + row, rstd)
+
+
+@triton.jit
+def layer_norm_bwd_kernel(
+    DY, H, W, Rstd, DH_SKIP, DX, DW_PARTIAL, DB_PARTIAL,
+    stride_dy, stride_h, stride_skip, stride_dx,
+    M, N, rows_per_program,
+    HAS_SKIP_GRAD: tl.constexpr, HAS_WEIGHT: tl.constexpr, NEEDS_WB_GRAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    acc_ty = tl.float64 if H.dtype.element_ty == tl.float64 else tl.float32
+    # int64 loop bounds make the row index int64 for the pointer arithmetic below.
+    row_start = pid.to(tl.int64) * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    partial_row = pid.to(tl.int64) * N
+
+    if SINGLE_BLOCK:
+        cols = tl.arange(0, BLOCK_N)
+        mask = cols < N
+        if HAS_WEIGHT:
+            w = tl.load(W + cols, mask=mask, other=0.0).to(acc_ty)
+        dw_acc = tl.zeros([BLOCK_N], dtype=acc_ty)
+        db_acc = tl.zeros([BLOCK_N], dtype=acc_ty)
+        for row in range(row_start, row_end):
+            h = tl.load(H + row * stride_h + cols, mask=mask, other=0.0).to(acc_ty)
+            dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(acc_ty)
+            rstd = tl.load(Rstd + row)
+            shift = tl.sum(tl.where(cols == 0, h, 0.0), axis=0)
+            d = tl.where(mask, h - shift, 0.0)
+            xhat = tl.where(mask, (d - tl.sum(d, axis=0) / N) * rstd, 0.0)
+            g = dy * w if HAS_WEIGHT else dy
+            c1 = tl.sum(xhat * g, axis=0) / N
+            c2 = tl.sum(g, axis=0) / N
+            dx = (g - (xhat * c1 + c2)) * rstd
+            if HAS_SKIP_GRAD:
+                dx += tl.load(DH_SKIP + row * stride_skip + cols, mask=mask, other=0.0).to(acc_ty)
+            tl.store(DX + row * stride_dx + cols, dx, mask=mask)
+            dw_acc += dy * xhat
+            db_acc += dy
+        if NEEDS_WB_GRAD:
+            tl.store(DW_PARTIAL + partial_row + cols, dw_acc, mask=mask)
+            tl.store(DB_PARTIAL + partial_row + cols, db_acc, mask=mask)
+    else:
+        # Wide rows: the partial buffers start at zero and this program is the only
+        # one touching its partial row, so the read-modify-write needs no atomics.
+        for row in range(row_start, row_end):
+            rstd = tl.load(Rstd + row)
+            shift = tl.load(H + row * stride_h).to(acc_ty)
+            sum_d = tl.zeros([BLOCK_N], dtype=acc_ty)
+            for start in range(0, N, BLOCK_N):
+                cols = start + tl.arange(0, BLOCK_N)
+                h = tl.load(H + row * stride_h + cols, mask=cols < N, other=0.0).to(acc_ty)
+                sum_d += tl.where(cols < N, h - shift, 0.0)
+            mean_d = tl.sum(sum_d, axis=0) / N
+            sum_gx = tl.zeros([BLOCK_N], dtype=acc_ty)
+            sum_g = tl.zeros([BLOCK_N], dtype=acc_ty)
+            for start in range(0, N, BLOCK_N):
+                cols = start + tl.arange(0, BLOCK_N)
+                mask = cols < N
+                h = tl.load(H + row * stride_h + cols, mask=mask, other=0.0).to(acc_ty)
+                dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(acc_ty)
+                xhat = tl.where(mask, ((h - shift) - mean_d) * rstd, 0.0)
+                if HAS_WEIGHT:
+                    dy *= tl.load(W + cols, mask=mask, other=0.0).to(acc_ty)
+                sum_gx += xhat * dy
+                sum_g += dy
+            c1 = tl.sum(sum_gx, axis=0) / N
+            c2 = tl.sum(sum_g, axis=0) / N
+            for start in range(0, N, BLOCK_N):
+                cols = start + tl.arange(0, BLOCK_N)
+                mask = cols < N
+                h = tl.load(H + row * stride_h + cols, mask=mask, other=0.0).to(acc_ty)
+                dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(acc_ty)
+                xhat = tl.where(mask, ((h - shift) - mean_d) * rstd, 0.0)
+                g = dy
+                if HAS_WEIGHT:
+                    g = dy * tl.load(W + cols, mask=mask, other=0.0).to(acc_ty)
+                dx = (g - (xhat * c1 + c2)) * rstd
+                if HAS_SKIP_GRAD:
+                    dx += tl.load(DH_SKIP + row * stride_skip + cols, mask=mask, other=0.0).to(acc_ty)
+                tl.store(DX + row * stride_dx + cols, dx, mask=mask)
+                if NEEDS_WB_GRAD:
+                    dw = tl.load(DW_PARTIAL + partial_row + cols, mask=mask)
+                    tl.store(DW_PARTIAL + partial_row + cols, dw + dy * xhat, mask=mask)
+                    db = tl.load(DB_PARTIAL + partial_row + cols, mask=mask)
+                    tl.store(DB_PARTIAL + partial_row + cols, db + dy, mask=mask)
+
+
+def _block(n: int):
+    block = next_power_of_2(n)
+    if block <= MAX_SINGLE_BLOCK:
+        return block, True
+    return STREAM_BLOCK, False
+
+
+def layer_norm_fwd(x, weight, bias, eps, residual=None):
+    """x, residual: (M, N) with unit column stride. Returns y, h (or None), mean, rstd."""
+    M, N = x.shape
+    block, single = _block(N)
+    y = new_output((M, N), dtype=x.dtype, device=x.device)
+    h = new_output((M, N), dtype=x.dtype, device=x.device) if residual is not None else None
+    stats_dtype = accumulator_dtype(x.dtype)
+    mean = new_output((M,), dtype=stats_dtype, device=x.device)
+    rstd = new_output((M,), dtype=stats_dtype, device=x.device)
+    if M == 0:
+        return y, h, mean, rstd
+    layer_norm_fwd_kernel[(M,)](
+        x, residual, h, y, weight, bias, mean, rstd,
+        x.stride(0), residual.stride(0) if residual is not None else 0,
+        h.stride(0) if h is not None else 0, y.stride(0),
+        N, eps,
+        HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        BLOCK_N=block, SINGLE_BLOCK=single, num_warps=warps_for_row(block),
+    )
+    return y, h, mean, rstd
+
+
+def layer_norm_bwd(dy, h, weight, rstd, skip_grad=None, needs_weight_grad=True):
+    """Gradients of layer_norm_fwd. ``h`` is the normalised input (x, or x + residual).
+
+    The mean is recomputed from h (see the module docstring), so only rstd is read.
+    ``skip_grad`` is the gradient that reached h through the residual stream; it is
+    added to dx. Returns dx, dweight_and_dbias (float32/64 sums, or None, None).
+    """
+    M, N = h.shape
+    block, single = _block(N)
+    dx = new_output((M, N), dtype=h.dtype, device=h.device)
+    programs = reduction_programs(M, h.device)
+    rows_per_program = triton.cdiv(max(M, 1), programs)
+    programs = triton.cdiv(max(M, 1), rows_per_program)
+    acc = accumulator_dtype(h.dtype)
+    alloc = new_output if single else (lambda shape, **kw: torch.zeros(shape, **kw))
+    dw_partial = alloc((programs, N), dtype=acc, device=h.device) if needs_weight_grad else None
+    db_partial = alloc((programs, N), dtype=acc, device=h.device) if needs_weight_grad else None
+    if M == 0:
+        zeros = torch.zeros(N, dtype=acc, device=h.device) if needs_weight_grad else None
+        return dx, zeros, zeros
+    layer_norm_bwd_kernel[(programs,)](
+        dy, h, weight, rstd, skip_grad, dx, dw_partial, db_partial,
+        dy.stride(0), h.stride(0), skip_grad.stride(0) if skip_grad is not None else 0, dx.stride(0),
+        M, N, rows_per_program,
+        HAS_SKIP_GRAD=skip_grad is not None, HAS_WEIGHT=weight is not None, NEEDS_WB_GRAD=needs_weight_grad,
+        BLOCK_N=block, SINGLE_BLOCK=single, num_warps=warps_for_row(block),
+    )
+    if not needs_weight_grad:
+        return dx, None, None
+    return dx, dw_partial.sum(0), db_partial.sum(0)
