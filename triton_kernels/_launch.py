@@ -50,3 +50,11 @@ def new_output(shape, *, dtype, device) -> torch.Tensor:
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     """Statistics and partial sums are float32, float64 for float64 inputs."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+TORCH_TO_TRITON = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+
+
+def pointer(dtype: torch.dtype) -> str:
+    """Triton signature string of a pointer to ``dtype``, for ahead-of-time compile checks."""
+    return "*" + TORCH_TO_TRITON[dtype]

@@ -1,15 +1,17 @@
 """GELU, exact (erf) and tanh forms, plain and fused with a bias add; forward and backward.
 
-exact: gelu(x) = x * Phi(x),                 gelu'(x) = Phi(x) + x * phi(x)
-tanh:  gelu(x) = x/2 * (1 + tanh(u)),  u = sqrt(2/pi) * (x + 0.044715 x^3)
-       gelu'(x) = (1 + t)/2 + x/2 * (1 - t^2) * sqrt(2/pi) * (1 + 3 * 0.044715 x^2)
-The bias variant computes gelu(x + b) over rows of width N; its backward also
+exact: gelu(x) = x * Phi(x),                  gelu'(x) = Phi(x) + x * phi(x)
+tanh:  gelu(x) = x/2 * (1 + tanh(u)) = x * sigmoid(2u),  u = sqrt(2/pi) * (x + 0.044715 x^3)
+       gelu'(x) = s + 2 x s (1 - s) * sqrt(2/pi) * (1 + 3 * 0.044715 x^2),  s = sigmoid(2u)
+The bias variant computes gelu(x + b) over rows of width N (the sum in float32, not
+rounded to the input dtype first); its backward also
 reduces db = sum_rows(dy * gelu'(x + b)) through per-program partial rows.
 """
+import torch
 import triton
 import triton.language as tl
 
-from ._launch import accumulator_dtype, new_output, next_power_of_2, reduction_programs
+from ._launch import accumulator_dtype, new_output, next_power_of_2, pointer, reduction_programs
 
 SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 INV_SQRT_2 = tl.constexpr(0.7071067811865476)
@@ -19,27 +21,51 @@ ELEMENTWISE_BLOCK = 1024
 
 
 @triton.jit
-def _tanh(u):
-    # tanh through exp, exact at the saturated ends: exp overflows to inf and 2/inf = 0.
-    return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
+def _normal_cdf(x):
+    """Phi(x) with small relative error in the left tail too.
+
+    1 + erf(x/sqrt2) cancels for x << 0 (at x = -5 it keeps ~1 significant digit in
+    fp32), so for x < -1 Phi = erfc(|x|/sqrt2)/2 is evaluated with the Chebyshev-fitted
+    erfc of Numerical Recipes (fractional error < 1.2e-7 for all arguments).
+    """
+    z = tl.abs(x) * INV_SQRT_2
+    t = 1.0 / (1.0 + 0.5 * z)
+    poly = -0.82215223 + t * 0.17087277
+    poly = 1.48851587 + t * poly
+    poly = -1.13520398 + t * poly
+    poly = 0.27886807 + t * poly
+    poly = -0.18628806 + t * poly
+    poly = 0.09678418 + t * poly
+    poly = 0.37409196 + t * poly
+    poly = 1.00002368 + t * poly
+    erfc = t * tl.exp(-z * z - 1.26551223 + t * poly)
+    return tl.where(x < -1.0, 0.5 * erfc, 0.5 * (1.0 + tl.math.erf(x * INV_SQRT_2)))
+
+
+@triton.jit
+def _tanh_gate(x):
+    # (1 + tanh(u)) / 2 = sigmoid(2u): no cancellation for x << 0.
+    u = SQRT_2_OVER_PI * (x + TANH_COEF * x * x * x)
+    return 1.0 / (1.0 + tl.exp(-2.0 * u))
 
 
 @triton.jit
 def gelu_math(x, APPROX_TANH: tl.constexpr):
     if APPROX_TANH:
-        y = 0.5 * x * (1.0 + _tanh(SQRT_2_OVER_PI * (x + TANH_COEF * x * x * x)))
+        y = x * _tanh_gate(x)
     else:
-        y = 0.5 * x * (1.0 + tl.math.erf(x * INV_SQRT_2))
+        y = x * _normal_cdf(x)
     return y
 
 
 @triton.jit
 def gelu_grad_math(x, APPROX_TANH: tl.constexpr):
     if APPROX_TANH:
-        t = _tanh(SQRT_2_OVER_PI * (x + TANH_COEF * x * x * x))
-        g = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * TANH_COEF * x * x)
+        # d/dx [x s(2u)] = s + 2 x s (1 - s) u'(x)
+        s = _tanh_gate(x)
+        g = s + 2.0 * x * s * (1.0 - s) * SQRT_2_OVER_PI * (1.0 + 3.0 * TANH_COEF * x * x)
     else:
-        g = 0.5 * (1.0 + tl.math.erf(x * INV_SQRT_2)) + x * tl.exp(-0.5 * x * x) * INV_SQRT_2PI
+        g = _normal_cdf(x) + x * tl.exp(-0.5 * x * x) * INV_SQRT_2PI
     return g
 
 
@@ -73,8 +99,7 @@ def bias_gelu_fwd_kernel(X, Bias, Y, M, N, stride_x, stride_y,
     acc_ty = tl.float64 if X.dtype.element_ty == tl.float64 else tl.float32
     b = tl.load(Bias + cols, mask=col_mask, other=0.0)
     x = tl.load(X + rows * stride_x + cols[None, :], mask=mask, other=0.0)
-    # x + b in the promoted input dtype first, as the eager x + b, then float32 math.
-    pre = (x + b[None, :]).to(acc_ty)
+    pre = x.to(acc_ty) + b[None, :].to(acc_ty)
     tl.store(Y + rows * stride_y + cols[None, :], gelu_math(pre, APPROX_TANH), mask=mask)
 
 
@@ -95,7 +120,7 @@ def bias_gelu_bwd_kernel(DY, X, Bias, DX, DB_PARTIAL, M, N, stride_dy, stride_x,
         rows = rows[:, None]
         x = tl.load(X + rows * stride_x + cols[None, :], mask=mask, other=0.0)
         dy = tl.load(DY + rows * stride_dy + cols[None, :], mask=mask, other=0.0).to(acc_ty)
-        pre = (x + b[None, :]).to(acc_ty)
+        pre = x.to(acc_ty) + b[None, :].to(acc_ty)
         dx = tl.where(mask, dy * gelu_grad_math(pre, APPROX_TANH), 0.0)
         tl.store(DX + rows * stride_dx + cols[None, :], dx, mask=mask)
         db_acc += tl.sum(dx, axis=0)
@@ -155,3 +180,23 @@ def bias_gelu_bwd(dy, x, bias, approximate_tanh: bool):
         dy, x, bias, dx, db_partial, M, N, dy.stride(0), x.stride(0), dx.stride(0), rows_per_program,
         APPROX_TANH=approximate_tanh, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
     return dx, db_partial.sum(0)
+
+
+def aot_specializations():
+    """(kernel, signature, constexprs, options) for each variant the launchers use: see tests/test_aot_compile.py."""
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        p, acc = pointer(dtype), pointer(accumulator_dtype(dtype))
+        for tanh in (False, True):
+            flat = {"BLOCK": ELEMENTWISE_BLOCK, "APPROX_TANH": tanh}
+            yield (gelu_fwd_kernel, {"X": p, "Y": p, "numel": "i32", "APPROX_TANH": "constexpr",
+                                     "BLOCK": "constexpr"}, flat, {"num_warps": 4})
+            yield (gelu_bwd_kernel, {"DY": p, "X": p, "DX": p, "numel": "i32", "APPROX_TANH": "constexpr",
+                                     "BLOCK": "constexpr"}, flat, {"num_warps": 4})
+            block_m, block_n = _bias_blocks(1536)
+            tiles = {"APPROX_TANH": tanh, "BLOCK_M": block_m, "BLOCK_N": block_n}
+            tile_sig = {"APPROX_TANH": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}
+            yield (bias_gelu_fwd_kernel, {"X": p, "Bias": p, "Y": p, "M": "i32", "N": "i32", "stride_x": "i32",
+                                          "stride_y": "i32", **tile_sig}, tiles, {"num_warps": 4})
+            yield (bias_gelu_bwd_kernel, {"DY": p, "X": p, "Bias": p, "DX": p, "DB_PARTIAL": acc, "M": "i32",
+                                          "N": "i32", "stride_dy": "i32", "stride_x": "i32", "stride_dx": "i32",
+                                          "rows_per_program": "i32", **tile_sig}, tiles, {"num_warps": 4})

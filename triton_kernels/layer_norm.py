@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import accumulator_dtype, new_output, next_power_of_2, reduction_programs, warps_for_row
+from ._launch import accumulator_dtype, new_output, next_power_of_2, pointer, reduction_programs, warps_for_row
 
 # Rows up to this width live in registers; wider rows are streamed in blocks.
 MAX_SINGLE_BLOCK = 8192
@@ -243,3 +243,31 @@ def layer_norm_bwd(dy, h, weight, rstd, skip_grad=None, needs_weight_grad=True):
     if not needs_weight_grad:
         return dx, None, None
     return dx, dw_partial.sum(0), db_partial.sum(0)
+
+
+def aot_specializations():
+    """(kernel, signature, constexprs, options) for each variant the launchers use: see tests/test_aot_compile.py."""
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        p, stats = pointer(dtype), pointer(accumulator_dtype(dtype))
+        for n, residual in ((384, False), (768, True), (4096, False), (10000, True)):
+            block, single = _block(n)
+            res_ptr = p if residual else "constexpr"
+            signature = {"X": p, "R": res_ptr, "H": res_ptr, "Y": p, "W": p, "B": p, "Mean": stats, "Rstd": stats,
+                         "stride_x": "i32", "stride_r": "i32", "stride_h": "i32", "stride_y": "i32",
+                         "N": "i32", "eps": "fp32", "HAS_RESIDUAL": "constexpr", "HAS_WEIGHT": "constexpr",
+                         "HAS_BIAS": "constexpr", "BLOCK_N": "constexpr", "SINGLE_BLOCK": "constexpr"}
+            constexprs = {"HAS_RESIDUAL": residual, "HAS_WEIGHT": True, "HAS_BIAS": True, "BLOCK_N": block,
+                          "SINGLE_BLOCK": single}
+            if not residual:
+                constexprs.update(R=None, H=None)
+            yield layer_norm_fwd_kernel, signature, constexprs, {"num_warps": warps_for_row(block)}
+            signature = {"DY": p, "H": p, "W": p, "Rstd": stats, "DH_SKIP": res_ptr, "DX": p,
+                         "DW_PARTIAL": stats, "DB_PARTIAL": stats, "stride_dy": "i32", "stride_h": "i32",
+                         "stride_skip": "i32", "stride_dx": "i32", "M": "i32", "N": "i32",
+                         "rows_per_program": "i32", "HAS_SKIP_GRAD": "constexpr", "HAS_WEIGHT": "constexpr",
+                         "NEEDS_WB_GRAD": "constexpr", "BLOCK_N": "constexpr", "SINGLE_BLOCK": "constexpr"}
+            constexprs = {"HAS_SKIP_GRAD": residual, "HAS_WEIGHT": True, "NEEDS_WB_GRAD": True, "BLOCK_N": block,
+                          "SINGLE_BLOCK": single}
+            if not residual:
+                constexprs["DH_SKIP"] = None
+            yield layer_norm_bwd_kernel, signature, constexprs, {"num_warps": warps_for_row(block)}

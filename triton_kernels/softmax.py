@@ -6,10 +6,11 @@ Rows up to MAX_SINGLE_BLOCK wide are held in registers; wider rows use an online
 max/sum pass (per-lane running max and rescaled sum) followed by a write pass.
 A row that is entirely -inf gives NaN, as torch.softmax does.
 """
+import torch
 import triton
 import triton.language as tl
 
-from ._launch import new_output, next_power_of_2, warps_for_row
+from ._launch import new_output, next_power_of_2, pointer, warps_for_row
 
 MAX_SINGLE_BLOCK = 16384
 STREAM_BLOCK = 4096
@@ -100,3 +101,18 @@ def softmax_bwd(dy, y):
         softmax_bwd_kernel[(M,)](dy, y, dx, dy.stride(0), y.stride(0), dx.stride(0), N,
                                  BLOCK_N=block, SINGLE_BLOCK=single, num_warps=warps_for_row(block))
     return dx
+
+
+def aot_specializations():
+    """(kernel, signature, constexprs, options) for each variant the launchers use: see tests/test_aot_compile.py."""
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        p = pointer(dtype)
+        for n in (197, 1000, 8192, 40000):
+            block, single = _block(n)
+            constexprs = {"BLOCK_N": block, "SINGLE_BLOCK": single}
+            options = {"num_warps": warps_for_row(block)}
+            yield (softmax_fwd_kernel, {"X": p, "Y": p, "stride_x": "i32", "stride_y": "i32", "N": "i32",
+                                        "BLOCK_N": "constexpr", "SINGLE_BLOCK": "constexpr"}, constexprs, options)
+            yield (softmax_bwd_kernel, {"DY": p, "Y": p, "DX": p, "stride_dy": "i32", "stride_y": "i32",
+                                        "stride_dx": "i32", "N": "i32", "BLOCK_N": "constexpr",
+                                        "SINGLE_BLOCK": "constexpr"}, constexprs, options)

@@ -7,6 +7,18 @@ from fastvision import ops
 class LayerNorm(nn.LayerNorm):
     """nn.LayerNorm running the fused kernel: same arguments, attributes and state_dict keys."""
 
+    @classmethod
+    def from_module(cls, norm: nn.LayerNorm) -> "LayerNorm":
+        """A fused LayerNorm holding ``norm``'s very Parameter objects (no copy)."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.normalized_shape = tuple(norm.normalized_shape)
+        new.eps = norm.eps
+        new.elementwise_affine = norm.elementwise_affine
+        new.register_parameter("weight", norm.weight)
+        new.register_parameter("bias", norm.bias)
+        return new
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 

@@ -1,0 +1,65 @@
+"""Transformer block pieces that fuse across timm's module boundaries.
+
+Both keep the original child modules (the same objects, under the same names), so
+parameters, buffers and state_dict keys are those of the timm modules they replace.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastvision import ops
+from fastvision.modules.gelu import GELU
+from fastvision.modules.layer_norm import LayerNorm
+
+BLOCK_CHILDREN = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
+MLP_CHILDREN = ("fc1", "act", "drop1", "norm", "fc2", "drop2")
+
+
+def _adopt(target: nn.Module, source: nn.Module, names) -> None:
+    for name in names:
+        setattr(target, name, getattr(source, name))
+
+
+class Block(nn.Module):
+    """timm ViT Block with the first residual add fused into norm2 (one pass: h = x + a, LN(h))."""
+
+    def __init__(self, block: nn.Module, fuse_residual_norm: bool = True):
+        super().__init__()
+        _adopt(self, block, BLOCK_CHILDREN)
+        self.fuse_residual_norm = fuse_residual_norm
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
+        a = self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
+        if self.fuse_residual_norm and isinstance(self.norm2, LayerNorm):
+            y, x = self.norm2.forward_add(x, a)
+        else:
+            x = x + a
+            y = self.norm2(x)
+        return x + self.drop_path2(self.ls2(self.mlp(y)))
+
+
+class Mlp(nn.Module):
+    """timm Mlp with fc1's bias add fused into the GELU (and, in backward, dbias into GELU's backward)."""
+
+    def __init__(self, mlp: nn.Module):
+        super().__init__()
+        _adopt(self, mlp, MLP_CHILDREN)
+
+    def _fused_bias(self) -> Optional[torch.Tensor]:
+        if not isinstance(self.act, GELU) or self.fc1.bias is None:
+            return None
+        bias = self.fc1.bias
+        device = bias.device.type
+        if torch.is_autocast_enabled(device):
+            bias = bias.to(torch.get_autocast_dtype(device))  # eager linear adds it in that dtype
+        return bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self._fused_bias()
+        if bias is None:
+            x = self.act(self.fc1(x))
+        else:
+            x = self.act.forward_bias(F.linear(x, self.fc1.weight), bias)
+        return self.drop2(self.fc2(self.norm(self.drop1(x))))

@@ -1,0 +1,129 @@
+"""Walk a model, swap in fastvision modules by rule, record what happened, undo it."""
+import copy
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Sequence
+
+from torch import nn
+
+from .rules import Rule
+
+# Attributes kept in __dict__ (object.__setattr__) so they are never registered as submodules
+# and never appear in state_dict.
+_ORIGINAL = "_fastvision_original"
+_RULE = "_fastvision_rule"
+_REPORT = "_fastvision_report"
+
+
+@dataclass(frozen=True)
+class Replaced:
+    path: str
+    rule: str
+    original: str
+    replacement: str
+
+
+@dataclass(frozen=True)
+class Skipped:
+    path: str
+    module: str
+    reason: str
+
+
+@dataclass
+class PatchReport:
+    options: Dict[str, bool]
+    replaced: List[Replaced] = field(default_factory=list)
+    skipped: List[Skipped] = field(default_factory=list)
+
+    def counts(self) -> Dict[str, int]:
+        out: Dict[str, int] = {}
+        for r in self.replaced:
+            out[r.rule] = out.get(r.rule, 0) + 1
+        return out
+
+    def __str__(self) -> str:
+        lines = [f"fastvision.patch: {len(self.replaced)} modules replaced, {len(self.skipped)} skipped"]
+        lines += [f"  {rule:<24} x{n}" for rule, n in sorted(self.counts().items())]
+        lines += [f"  replaced {r.path or '<root>'}: {r.original} -> {r.replacement}" for r in self.replaced]
+        lines += [f"  skipped  {s.path or '<root>'} ({s.module}): {s.reason}" for s in self.skipped]
+        return "\n".join(lines)
+
+
+def _type_name(module: nn.Module) -> str:
+    return f"{type(module).__module__}.{type(module).__qualname__}"
+
+
+def is_replacement(module: nn.Module) -> bool:
+    return _ORIGINAL in module.__dict__
+
+
+def _first_rule(module: nn.Module, rules: Sequence[Rule], options: Dict[str, bool]) -> Optional[Rule]:
+    for rule in rules:
+        if options.get(rule.option, True) and rule.matches(module):
+            return rule
+    return None
+
+
+def _patch_children(parent: nn.Module, prefix: str, rules, options, report: PatchReport) -> None:
+    for name, child in list(parent.named_children()):
+        path = f"{prefix}.{name}" if prefix else name
+        if not is_replacement(child):
+            rule = _first_rule(child, rules, options)
+            if rule is not None:
+                child = _apply_rule(parent, name, path, child, rule, options, report)
+        _patch_children(child, path, rules, options, report)
+
+
+def _apply_rule(parent, name, path, module, rule: Rule, options, report: PatchReport) -> nn.Module:
+    built = rule.build(module, options)
+    if isinstance(built, str):
+        report.skipped.append(Skipped(path, _type_name(module), built))
+        return module
+    object.__setattr__(built, _ORIGINAL, module)
+    object.__setattr__(built, _RULE, rule.name)
+    built.train(module.training)
+    setattr(parent, name, built)
+    report.replaced.append(Replaced(path, rule.name, _type_name(module), _type_name(built)))
+    return built
+
+
+def patch_model(model: nn.Module, rules: Sequence[Rule], options: Dict[str, bool], inplace: bool = True) -> nn.Module:
+    """Replace every module a rule matches (children first visited after their parent's swap).
+
+    Fastvision modules already in place are left alone, so patching twice changes nothing.
+    The root module itself is never replaced: patch() returns the object it was given.
+    """
+    if not inplace:
+        model = copy.deepcopy(model)
+    previous = getattr(model, _REPORT, None)
+    report = PatchReport(options=dict(options))
+    if previous is not None:
+        report.replaced.extend(previous.replaced)
+    _patch_children(model, "", rules, options, report)
+    object.__setattr__(model, _REPORT, report)
+    return model
+
+
+def unpatch_model(model: nn.Module) -> nn.Module:
+    """Put back every original module (the same objects patch() took out)."""
+    _unpatch_children(model)
+    model.__dict__.pop(_REPORT, None)
+    return model
+
+
+def _unpatch_children(parent: nn.Module) -> None:
+    for name, child in list(parent.named_children()):
+        while is_replacement(child):
+            original = child.__dict__[_ORIGINAL]
+            original.train(child.training)
+            setattr(parent, name, original)
+            child = original
+        _unpatch_children(child)
+
+
+def report_of(model: nn.Module) -> Optional[PatchReport]:
+    return model.__dict__.get(_REPORT)
+
+
+def replacements(model: nn.Module) -> Iterable[nn.Module]:
+    return (m for m in model.modules() if is_replacement(m))

@@ -1,0 +1,246 @@
+"""fastvision.patch on timm ViT families: same outputs, gradients, parameters and checkpoints."""
+import copy
+import io
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import fastvision
+from fastvision.modules import GELU, LayerNorm
+from fastvision.modules import transformer
+from fastvision.testing import assert_close
+from conftest import kernel_devices
+
+timm = pytest.importorskip("timm")
+
+# (timm name, extra create_model kwargs): small depth and image so the interpreter stays fast.
+FAMILIES = {
+    "vit_tiny_patch16_224": dict(img_size=32),
+    "vit_small_patch16_224": dict(img_size=32),
+    "vit_base_patch16_224": dict(img_size=32),
+    "vit_large_patch16_224": dict(img_size=32),
+    "vit_small_patch8_224": dict(img_size=24),
+    "vit_base_patch8_224": dict(img_size=24),
+    "deit_tiny_patch16_224": dict(img_size=32),
+    "deit_small_distilled_patch16_224": dict(img_size=32),
+    "vit_small_patch14_dinov2": dict(img_size=28),
+    "vit_small_patch14_reg4_dinov2": dict(img_size=28),
+    "vit_small_patch16_224-qk_norm": dict(img_size=32, qk_norm=True),
+}
+
+
+def make_vit(name: str, depth: int = 2, **overrides):
+    kwargs = dict(FAMILIES[name])
+    kwargs.update(overrides)
+    torch.manual_seed(0)
+    model = timm.create_model(name.split("-")[0], pretrained=False, depth=depth, num_classes=10, **kwargs)
+    # LayerScale starts at 1e-5 and would hide the attention and MLP branches from the check.
+    for module in model.modules():
+        if hasattr(module, "gamma") and isinstance(module.gamma, torch.nn.Parameter):
+            torch.nn.init.normal_(module.gamma, 0.5, 0.1)
+    return model
+
+
+def images(model, batch=2):
+    size = model.patch_embed.img_size
+    return torch.randn(batch, 3, *size)
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_patched_family_matches_eager_fp32(device, name):
+    model = make_vit(name).to(device).eval()
+    report = fastvision.verify(model, images(model).to(device))
+    assert report.passed, report.table()
+    patched = fastvision.patch(copy.deepcopy(model))
+    replaced = fastvision.patch_report(patched).counts()
+    assert replaced.get("vit.block") == 2 and replaced.get("layer_norm", 0) >= 5, replaced
+    assert replaced.get("vit.attention") == 2, fastvision.patch_report(patched)
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("name", ("vit_small_patch16_224", "vit_small_patch14_reg4_dinov2"))
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
+def test_patched_vit_low_precision(device, name, dtype):
+    model = make_vit(name).to(device).eval()
+    report = fastvision.verify(model, images(model).to(device), dtype=dtype)
+    assert report.passed, report.table()
+
+
+def test_state_dict_round_trip_both_ways():
+    eager = make_vit("vit_small_patch14_reg4_dinov2")
+    keys = list(eager.state_dict())
+    patched = fastvision.patch(copy.deepcopy(eager))
+    assert list(patched.state_dict()) == keys
+    buffer = io.BytesIO()
+    torch.save(patched.state_dict(), buffer)
+    fresh = make_vit("vit_small_patch14_reg4_dinov2")
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.add_(1.0)
+    fresh.load_state_dict(torch.load(io.BytesIO(buffer.getvalue())))
+    for k, v in eager.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k
+    # and an eager checkpoint into a patched model
+    target = fastvision.patch(make_vit("vit_small_patch14_reg4_dinov2"))
+    with torch.no_grad():
+        for p in target.parameters():
+            p.mul_(0.0)
+    target.load_state_dict(eager.state_dict())
+    for k, v in eager.state_dict().items():
+        assert torch.equal(target.state_dict()[k], v), k
+
+
+def test_patch_keeps_parameter_objects_and_requires_grad():
+    model = make_vit("vit_tiny_patch16_224")
+    model.blocks[0].attn.qkv.weight.requires_grad_(False)
+    before = {n: p for n, p in model.named_parameters()}
+    fastvision.patch(model)
+    after = dict(model.named_parameters())
+    assert before.keys() == after.keys()
+    assert all(before[n] is after[n] for n in before)
+    assert not model.blocks[0].attn.qkv.weight.requires_grad
+
+
+def test_unpatch_restores_original_modules_and_double_patch_is_idempotent():
+    model = make_vit("vit_small_patch16_224-qk_norm")
+    originals = {n: m for n, m in model.named_modules()}
+    fastvision.patch(model)
+    first = {n: type(m) for n, m in model.named_modules()}
+    fastvision.patch(model)
+    assert {n: type(m) for n, m in model.named_modules()} == first
+    assert not any(type(m).__name__ == "Block" and isinstance(getattr(m, "norm1", None), transformer.Block)
+                   for m in model.modules())
+    assert isinstance(model.blocks[0], transformer.Block) and isinstance(model.norm, LayerNorm)
+    fastvision.unpatch(model)
+    restored = dict(model.named_modules())
+    assert restored.keys() == originals.keys()
+    assert all(restored[n] is originals[n] for n in originals)
+
+
+def test_patch_options_switch_each_replacement_off():
+    model = fastvision.patch(make_vit("vit_tiny_patch16_224"), attention=False, gelu=False,
+                             fuse_residual_norm=False)
+    counts = fastvision.patch_report(model).counts()
+    assert "vit.attention" not in counts and "gelu" not in counts and "vit.block" not in counts
+    assert counts["layer_norm"] == 5
+    skipped = {s.path: s.reason for s in fastvision.patch_report(model).skipped}
+    assert "gelu" in skipped["blocks.0.mlp"]
+    none = fastvision.patch(make_vit("vit_tiny_patch16_224"), attention=False, layer_norm=False, gelu=False,
+                            fuse_residual_norm=False, fuse_bias_gelu=False)
+    assert not fastvision.patch_report(none).replaced
+
+
+def test_inplace_false_leaves_the_model_alone():
+    model = make_vit("vit_tiny_patch16_224")
+    patched = fastvision.patch(model, inplace=False)
+    assert patched is not model
+    assert not any(isinstance(m, (LayerNorm, GELU)) for m in model.modules())
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_train_mode_with_drop_path_and_dropout(device):
+    model = make_vit("vit_small_patch16_224", drop_path_rate=0.2, proj_drop_rate=0.1, attn_drop_rate=0.1).to(device)
+    patched = fastvision.patch(copy.deepcopy(model)).train()
+    x = images(model).to(device)
+    torch.manual_seed(3)
+    ref = model.train()(x)
+    torch.manual_seed(3)
+    out = patched(x)
+    assert_close(out, ref, torch.float32)
+    assert patched.training and all(m.training for m in patched.modules())
+    patched.eval()
+    assert not any(m.training for m in patched.modules())
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_patched_model_compiles_fullgraph(device):
+    torch._dynamo.reset()
+    model = make_vit("vit_tiny_patch16_224").to(device).eval()
+    x = images(model).to(device)
+    ref = model(x)
+    patched = fastvision.patch(copy.deepcopy(model))
+    compiled = torch.compile(patched, fullgraph=True, backend="aot_eager")
+    assert_close(compiled(x), ref, torch.float32)
+    out = compiled(x)
+    out.sum().backward()
+    assert all(p.grad is not None for p in patched.parameters() if p.requires_grad)
+
+
+def test_cpu_without_interpreter_falls_back_to_eager():
+    script = textwrap.dedent("""
+        import copy, torch, timm, fastvision
+        assert not fastvision.ops.triton_interpreted()
+        torch.manual_seed(0)
+        model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, img_size=32).eval()
+        x = torch.randn(2, 3, 32, 32)
+        ref = model(x)
+        patched = fastvision.patch(copy.deepcopy(model))
+        out = patched(x)
+        assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5), (out - ref).abs().max()
+        reason = patched.blocks[0].norm1.why_not(x)
+        assert reason and "CPU" in reason, reason
+        print("ok")
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_INTERPRET"] = "0"
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_patch_rejects_non_modules_and_reports_unknown_models():
+    with pytest.raises(TypeError, match="model"):
+        fastvision.patch("not a model")
+    mlp = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+    fastvision.patch(mlp)
+    report = fastvision.patch_report(mlp)
+    assert not report.replaced and "no module" in report.skipped[0].reason
+    with pytest.raises(ValueError, match="not been patched"):
+        fastvision.patch_report(torch.nn.Linear(2, 2))
+
+
+def test_look_alike_with_a_different_forward_is_left_alone():
+    class ScaledLayerNorm(torch.nn.LayerNorm):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = torch.nn.Sequential(ScaledLayerNorm(8), torch.nn.LayerNorm(8))
+    fastvision.patch(model)
+    assert type(model[0]) is ScaledLayerNorm and isinstance(model[1], LayerNorm)
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_to_dtype_and_autocast_on_patched_model(device):
+    model = make_vit("vit_small_patch16_224").to(device).eval()
+    x = images(model).to(device)
+    patched = fastvision.patch(copy.deepcopy(model))
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        ref, out = model(x), patched(x)
+    assert out.dtype == ref.dtype
+    assert_close(out, ref, torch.bfloat16)
+    patched.to(torch.float16)
+    model.to(torch.float16)
+    assert all(p.dtype == torch.float16 for p in patched.parameters())
+    assert_close(patched(x.half()), model(x.half()), torch.float16)
+
+
+def test_ddp_wraps_a_patched_model(tmp_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = make_vit("vit_tiny_patch16_224")
+    reference = copy.deepcopy(model)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(fastvision.patch(model))
+        x = images(model)
+        ddp(x).sum().backward()
+        reference(x).sum().backward()
+        for (name, p), ref_p in zip(model.named_parameters(), reference.parameters()):
+            assert_close(p.grad, ref_p.grad, torch.float32, name=name)
+    finally:
+        dist.destroy_process_group()
