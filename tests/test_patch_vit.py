@@ -244,3 +244,31 @@ def test_ddp_wraps_a_patched_model(tmp_path):
             assert_close(p.grad, ref_p.grad, torch.float32, name=name)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("name", ("vit_small_patch16_224", "vit_small_patch14_reg4_dinov2"))
+def test_cls_attention_maps_match_eager(device, name):
+    model = make_vit(name, depth=3).to(device).eval()
+    x = images(model).to(device)
+    ref = fastvision.get_last_selfattention(model, x)
+    patched = fastvision.patch(copy.deepcopy(model))
+    assert hasattr(patched.blocks[-1].attn, "attention_rows"), "last attention not fused"
+    out = fastvision.get_last_selfattention(patched, x)
+    tokens = model.patch_embed.num_patches + model.num_prefix_tokens
+    assert out.shape == ref.shape == (2, model.blocks[0].attn.num_heads, tokens)
+    assert_close(out, ref, torch.float32)
+    assert torch.allclose(out.sum(-1), torch.ones_like(out.sum(-1)), atol=1e-5)
+    assert patched.blocks[-1].attn.attention_rows == 0  # switched off again
+
+
+def test_dino_student_and_teacher_patched_identically_keep_ema_working():
+    student = fastvision.patch(make_vit("vit_small_patch16_224", dynamic_img_size=True))
+    teacher = copy.deepcopy(student)
+    assert list(student.state_dict()) == list(teacher.state_dict())
+    student_params = dict(student.named_parameters())
+    with torch.no_grad():
+        for name, p_t in teacher.named_parameters():
+            p_t.mul_(0.996).add_(student_params[name].detach(), alpha=0.004)
+    for x in (torch.randn(2, 3, 32, 32), torch.randn(3, 3, 16, 16)):  # global and local crops
+        assert_close(teacher(x), student(x), torch.float32)

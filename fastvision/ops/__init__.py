@@ -4,6 +4,7 @@ Each public function is a drop-in for its torch.nn.functional counterpart. It ru
 the Triton kernel where the inputs are supported and the eager op otherwise; the
 ``*_decline`` functions say why a kernel would not run (None when it would).
 """
+from .attention import attention, attention_decline, attention_qkvpacked
 from ._common import device_decline, triton_interpreted
 from .gelu import APPROXIMATIONS as GELU_APPROXIMATIONS
 from .gelu import bias_gelu, gelu, gelu_decline
@@ -11,6 +12,7 @@ from .layer_norm import add_layer_norm, layer_norm, layer_norm_decline
 from .softmax import softmax, softmax_decline
 
 __all__ = [
+    "attention", "attention_decline", "attention_qkvpacked",
     "GELU_APPROXIMATIONS", "add_layer_norm", "bias_gelu", "device_decline", "gelu", "gelu_decline", "layer_norm",
     "layer_norm_decline", "softmax", "softmax_decline", "triton_interpreted",
 ]

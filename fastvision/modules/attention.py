@@ -1,0 +1,79 @@
+"""timm-compatible multi-head self-attention running the fused attention kernel."""
+from typing import Optional
+
+import torch
+from torch import nn
+
+from fastvision import ops
+
+# Children of timm's vision_transformer.Attention, adopted as they are (same objects, same names).
+ATTENTION_CHILDREN = ("qkv", "q_norm", "k_norm", "attn_drop", "norm", "gate", "proj", "proj_drop")
+
+
+class Attention(nn.Module):
+    """timm ``Attention`` with the attention itself fused and read straight off the packed qkv projection.
+
+    Set ``attention_rows = n`` to keep the softmax probabilities of the first n query rows
+    of the next forward in ``last_attention_rows`` (B, H, n, N): DINO's CLS attention maps,
+    written by the same kernel pass.
+    """
+
+    @classmethod
+    def from_timm(cls, attn: nn.Module) -> "Attention":
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        for name in ATTENTION_CHILDREN:
+            child = getattr(attn, name, None)
+            if isinstance(child, nn.Module):
+                setattr(new, name, child)
+            else:
+                setattr(new, name, nn.Identity() if name not in ("gate",) else None)
+        new.num_heads = attn.num_heads
+        new.head_dim = attn.head_dim
+        new.attn_dim = getattr(attn, "attn_dim", attn.num_heads * attn.head_dim)
+        new.scale = attn.scale
+        new.fused_attn = True
+        new.attention_rows = 0
+        new.last_attention_rows = None
+        return new
+
+    def _heads(self, qkv: torch.Tensor):
+        """q, k, v as (B, H, N, d) views, with timm's q_norm/k_norm applied."""
+        q, k, v = (qkv.select(2, i).transpose(1, 2) for i in range(3))
+        return self.q_norm(q), self.k_norm(k), v
+
+    def _has_qk_norm(self) -> bool:
+        return not (isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity))
+
+    def _attend(self, qkv: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool):
+        dropout = self.attn_drop.p if self.training else 0.0
+        kwargs = dict(scale=self.scale, attn_bias=attn_mask, return_attn_rows=self.attention_rows, dropout_p=dropout)
+        if self._has_qk_norm() or is_causal:
+            result = ops.attention(*self._heads(qkv), is_causal=is_causal, **kwargs)
+            out, rows = result if self.attention_rows else (result, None)
+            return out.transpose(1, 2), rows
+        result = ops.attention_qkvpacked(qkv, **kwargs)
+        return result if self.attention_rows else (result, None)
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
+        B, N, _ = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim)
+        out, rows = self._attend(qkv, attn_mask, is_causal)
+        if self.attention_rows:
+            self.last_attention_rows = rows
+        x = self.norm(out.reshape(B, N, self.attn_dim))
+        if gate is not None:
+            x = x * gate
+        return self.proj_drop(self.proj(x))
+
+    def why_not(self, x: torch.Tensor) -> Optional[str]:
+        """Why this module falls back to eager attention on input ``x`` (None when the kernel runs)."""
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.qkv.weight.dtype
+        q = torch.empty((1, self.num_heads, 0, self.head_dim), dtype=dtype, device=x.device)
+        dropout = self.attn_drop.p if self.training else 0.0
+        return ops.attention_decline(q, dropout_p=dropout)
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, head_dim={self.head_dim}, fused=True"

@@ -1,0 +1,307 @@
+"""Fused multi-head self-attention as torch.library custom ops.
+
+``attention(q, k, v)`` takes (B, H, N, d) tensors like F.scaled_dot_product_attention;
+``attention_qkvpacked(qkv)`` takes the (B, N, 3, H, d) output of a qkv Linear as it lies
+in memory (no permute copy) and returns (B, N, H, d), ready for ``reshape(B, N, H*d)``.
+Both can also return the softmax probabilities of the first ``return_attn_rows`` query
+rows (DINO's CLS attention maps), computed in the same fused pass.
+
+float32 inputs use TF32 matrix products on the GPU when
+``torch.backends.cuda.matmul.allow_tf32`` is set (as torch.matmul does); otherwise IEEE fp32.
+"""
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _common as C
+
+_LIB = "fastvision"
+MAX_HEAD_DIM = 128
+MAX_ATTENTION_ROWS = 16
+LOG2E = 1.0 / math.log(2.0)
+
+
+def _kernels():
+    return C.triton_kernels.attention
+
+
+def _acc_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _allow_tf32() -> bool:
+    return bool(torch.backends.cuda.matmul.allow_tf32)
+
+
+# --- eager math (CPU without the interpreter; also the reference for the op's contract) --------
+
+def _eager_scores(q, k, bias, scale):
+    acc = _acc_dtype(q)
+    s = (q.to(acc) @ k.to(acc).transpose(-2, -1)) * scale
+    return s if bias is None else s + bias.to(acc)
+
+
+def _eager_forward(q, k, v, bias, scale, n_rows):
+    s = _eager_scores(q, k, bias, scale)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse[..., None])
+    out = (p @ v.to(p.dtype)).to(q.dtype)
+    B, H, N, _ = q.shape
+    return out, (lse * LOG2E).reshape(B * H, N), p[:, :, :n_rows].to(q.dtype)
+
+
+def _eager_backward(dout, q, k, v, out, lse, bias, scale):
+    B, H, N, _ = q.shape
+    acc = lse.dtype
+    s = _eager_scores(q, k, bias, scale)
+    p = torch.exp(s - lse.view(B, H, N, 1) / LOG2E)
+    do = dout.to(acc)
+    delta = (do * out.to(acc)).sum(-1, keepdim=True)
+    ds = p * (do @ v.to(acc).transpose(-2, -1) - delta)
+    dq = (ds @ k.to(acc)) * scale
+    dk = (ds.transpose(-2, -1) @ q.to(acc)) * scale
+    dv = p.transpose(-2, -1) @ do
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+# --- (B, H, N, d) custom ops ---------------------------------------------------------------
+
+def _unit_stride(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@torch.library.custom_op(f"{_LIB}::attention", mutates_args=())
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale: float, n_rows: int,
+                  allow_tf32: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    if not C.use_triton(q):
+        return _eager_forward(q, k, v, bias, scale, n_rows)
+    return _kernels().attention_fwd(_unit_stride(q), _unit_stride(k), _unit_stride(v), scale=scale, bias=bias,
+                                    n_rows=n_rows, allow_tf32=allow_tf32)
+
+
+@_attention_op.register_fake
+def _(q, k, v, bias, scale, n_rows, allow_tf32):
+    B, H, N, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((B * H, N), dtype=_acc_dtype(q)), q.new_empty((B, H, n_rows, N))
+
+
+@torch.library.custom_op(f"{_LIB}::attention_backward", mutates_args=())
+def _attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                           bias: Optional[Tensor], scale: float, allow_tf32: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    if not C.use_triton(q):
+        return _eager_backward(dout, q, k, v, out, lse, bias, scale)
+    dq, dk, dv = (_new_grad(t) for t in (q, k, v))
+    return _kernels().attention_bwd(_unit_stride(dout), _unit_stride(q), _unit_stride(k), _unit_stride(v), out, lse,
+                                    dq, dk, dv, scale=scale, bias=bias, allow_tf32=allow_tf32)
+
+
+@_attention_backward_op.register_fake
+def _(dout, q, k, v, out, lse, bias, scale, allow_tf32):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _new_grad(t: Tensor) -> Tensor:
+    from fastvision.triton_kernels._launch import new_output
+    return new_output(t.shape, dtype=t.dtype, device=t.device)
+
+
+def _setup_attention(ctx, inputs, output):
+    q, k, v, bias, scale, _, allow_tf32 = inputs
+    out, lse, rows = output
+    ctx.scale, ctx.allow_tf32, ctx.has_bias = scale, allow_tf32, bias is not None
+    ctx.save_for_backward(q, k, v, out, lse, bias)
+    ctx.mark_non_differentiable(lse, rows)
+
+
+def _attention_backward(ctx, dout, _dlse, _drows):
+    q, k, v, out, lse, bias = ctx.saved_tensors
+    bias = bias if ctx.has_bias else None
+    dq, dk, dv = torch.ops.fastvision.attention_backward(dout, q, k, v, out, lse, bias, ctx.scale, ctx.allow_tf32)
+    return dq, dk, dv, None, None, None, None
+
+
+_attention_op.register_autograd(_attention_backward, setup_context=_setup_attention)
+
+
+# --- packed (B, N, 3, H, d) custom ops -----------------------------------------------------
+
+def _unpack(qkv: Tensor):
+    """(B, H, N, d) views of q, k, v inside a (B, N, 3, H, d) tensor."""
+    return tuple(qkv.select(2, i).transpose(1, 2) for i in range(3))
+
+
+@torch.library.custom_op(f"{_LIB}::attention_qkvpacked", mutates_args=())
+def _attention_packed_op(qkv: Tensor, bias: Optional[Tensor], scale: float, n_rows: int, allow_tf32: bool
+                         ) -> Tuple[Tensor, Tensor, Tensor]:
+    if not C.use_triton(qkv):
+        out, lse, rows = _eager_forward(*_unpack(qkv), bias, scale, n_rows)
+        return out.transpose(1, 2).contiguous(), lse, rows
+    q, k, v = _unpack(_unit_stride(qkv))
+    out, lse, rows = _kernels().attention_fwd(q, k, v, scale=scale, bias=bias, n_rows=n_rows, allow_tf32=allow_tf32,
+                                              heads_last_output=True)
+    return out.transpose(1, 2), lse, rows
+
+
+@_attention_packed_op.register_fake
+def _(qkv, bias, scale, n_rows, allow_tf32):
+    B, N, _, H, d = qkv.shape
+    return qkv.new_empty((B, N, H, d)), qkv.new_empty((B * H, N), dtype=_acc_dtype(qkv)), qkv.new_empty((B, H, n_rows, N))
+
+
+@torch.library.custom_op(f"{_LIB}::attention_qkvpacked_backward", mutates_args=())
+def _attention_packed_backward_op(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, bias: Optional[Tensor],
+                                  scale: float, allow_tf32: bool) -> Tensor:
+    dout_heads, out_heads = dout.transpose(1, 2), out.transpose(1, 2)
+    if not C.use_triton(qkv):
+        grads = _eager_backward(dout_heads, *_unpack(qkv), out_heads, lse, bias, scale)
+        return torch.stack([g.transpose(1, 2) for g in grads], dim=2)
+    dqkv = _new_grad(qkv)
+    _kernels().attention_bwd(_unit_stride(dout_heads), *_unpack(_unit_stride(qkv)), out_heads, lse, *_unpack(dqkv),
+                             scale=scale, bias=bias, allow_tf32=allow_tf32)
+    return dqkv
+
+
+@_attention_packed_backward_op.register_fake
+def _(dout, qkv, out, lse, bias, scale, allow_tf32):
+    return qkv.new_empty(qkv.shape)
+
+
+def _setup_attention_packed(ctx, inputs, output):
+    qkv, bias, scale, _, allow_tf32 = inputs
+    out, lse, rows = output
+    ctx.scale, ctx.allow_tf32, ctx.has_bias = scale, allow_tf32, bias is not None
+    ctx.save_for_backward(qkv, out, lse, bias)
+    ctx.mark_non_differentiable(lse, rows)
+
+
+def _attention_packed_backward(ctx, dout, _dlse, _drows):
+    qkv, out, lse, bias = ctx.saved_tensors
+    bias = bias if ctx.has_bias else None
+    dqkv = torch.ops.fastvision.attention_qkvpacked_backward(dout, qkv, out, lse, bias, ctx.scale, ctx.allow_tf32)
+    return dqkv, None, None, None, None
+
+
+_attention_packed_op.register_autograd(_attention_packed_backward, setup_context=_setup_attention_packed)
+
+
+# --- public API ----------------------------------------------------------------------------
+
+def attention_decline(q: Tensor, k: Optional[Tensor] = None, v: Optional[Tensor] = None,
+                      attn_bias: Optional[Tensor] = None, dropout_p: float = 0.0, is_causal: bool = False
+                      ) -> Optional[str]:
+    """Why the fused kernel will not run on these (B, H, N, d) inputs (None: it will)."""
+    d = q.shape[-1]
+    return C.first_decline(
+        C.device_decline(q), C.dtype_decline(q),
+        f"head dim {d} > {MAX_HEAD_DIM}" if d > MAX_HEAD_DIM else None,
+        "head dim 0" if d == 0 else None,
+        "k or v has a different shape, dtype or device than q (cross-attention)"
+        if any(t is not None and (t.shape != q.shape or t.dtype != q.dtype or t.device != q.device) for t in (k, v))
+        else None,
+        "attn_bias requires grad (the kernel does not compute its gradient)"
+        if attn_bias is not None and attn_bias.requires_grad and torch.is_grad_enabled() else None,
+        f"dropout_p={dropout_p} (attention dropout is not fused)" if dropout_p > 0 else None,
+        "is_causal=True (no causal mask in the ViT kernel)" if is_causal else None,
+    )
+
+
+def _validate_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        C.check_floating(name, t)
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (batch, heads, tokens, head_dim), got shape {tuple(t.shape)}")
+    if k.shape[:2] != q.shape[:2] or v.shape[:2] != q.shape[:2] or k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not match")
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"k has {k.shape[2]} tokens but v has {v.shape[2]}")
+    C.check_same_device(q=q, k=k, v=v)
+
+
+def _additive_bias(attn_bias: Optional[Tensor], q_like: Tensor, B: int, H: int, N: int) -> Optional[Tensor]:
+    """attn_bias as an additive float bias broadcastable to (B, H, N, N); bool masks keep True."""
+    if attn_bias is None:
+        return None
+    if not isinstance(attn_bias, Tensor):
+        raise TypeError(f"attn_bias must be a tensor, got {type(attn_bias).__name__}")
+    if attn_bias.dtype == torch.bool:
+        attn_bias = torch.zeros(attn_bias.shape, dtype=q_like.dtype, device=attn_bias.device).masked_fill(
+            ~attn_bias, float("-inf"))
+    elif not attn_bias.is_floating_point():
+        raise TypeError(f"attn_bias must be a bool or floating-point tensor, got dtype {attn_bias.dtype}")
+    try:
+        torch.broadcast_shapes(attn_bias.shape, (B, H, N, N))
+    except RuntimeError:
+        raise ValueError(f"attn_bias of shape {tuple(attn_bias.shape)} does not broadcast to "
+                         f"(batch, heads, tokens, tokens) = {(B, H, N, N)}") from None
+    C.check_same_device(q=q_like, attn_bias=attn_bias)
+    while attn_bias.dim() < 4:
+        attn_bias = attn_bias.unsqueeze(0)
+    return attn_bias
+
+
+def _check_rows(n_rows: int, N: int) -> int:
+    n_rows = int(n_rows)
+    if not 0 <= n_rows <= MAX_ATTENTION_ROWS:
+        raise ValueError(f"return_attn_rows must be between 0 and {MAX_ATTENTION_ROWS}, got {n_rows}")
+    return min(n_rows, N)
+
+
+def _eager_rows(q, k, bias, scale, n_rows):
+    if n_rows == 0:
+        return None
+    b = None if bias is None else bias.expand(*q.shape[:2], q.shape[2], k.shape[2])[:, :, :n_rows]
+    return _eager_scores(q[:, :, :n_rows], k, b, scale).softmax(-1).to(q.dtype)
+
+
+def _sdpa(q, k, v, bias, scale, dropout_p, is_causal):
+    bias = None if bias is None else bias.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, is_causal=is_causal,
+                                          scale=scale)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None, attn_bias: Optional[Tensor] = None,
+              return_attn_rows: int = 0, dropout_p: float = 0.0, is_causal: bool = False):
+    """softmax(q kᵀ·scale + attn_bias) v for (B, H, N, d) tensors; drop-in for F.scaled_dot_product_attention.
+
+    ``attn_bias``: additive float bias or bool mask (True = attend) broadcastable to (B, H, N, N).
+    ``return_attn_rows=n``: also return the probabilities of the first n query rows, (B, H, n, N).
+    Unsupported inputs (see ``attention_decline``) run F.scaled_dot_product_attention.
+    """
+    _validate_qkv(q, k, v)
+    q, k, v = C.autocast_cast(C.autocast_dtype_for(q.device.type, "lower"), q, k, v)
+    B, H, N, d = q.shape
+    scale = d ** -0.5 if scale is None else float(scale)
+    n_rows = _check_rows(return_attn_rows, N)
+    bias = _additive_bias(attn_bias, q, B, H, N)
+    if attention_decline(q, k, v, bias, dropout_p, is_causal) is not None:
+        out = _sdpa(q, k, v, bias, scale, dropout_p, is_causal)
+        rows = _eager_rows(q, k, bias, scale, n_rows)
+    else:
+        out, _, rows = torch.ops.fastvision.attention(q, k, v, bias, scale, n_rows, _allow_tf32())
+    return (out, rows) if return_attn_rows else out
+
+
+def attention_qkvpacked(qkv: Tensor, *, scale: Optional[float] = None, attn_bias: Optional[Tensor] = None,
+                        return_attn_rows: int = 0, dropout_p: float = 0.0):
+    """Self-attention straight off a qkv projection: qkv (B, N, 3, H, d) → (B, N, H, d).
+
+    ``qkv`` is ``linear(x).view(B, N, 3, H, d)``: the kernel reads q, k and v in place.
+    """
+    C.check_floating("qkv", qkv)
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"qkv must have shape (batch, tokens, 3, heads, head_dim), got {tuple(qkv.shape)}")
+    (qkv,) = C.autocast_cast(C.autocast_dtype_for(qkv.device.type, "lower"), qkv)
+    B, N, _, H, d = qkv.shape
+    scale = d ** -0.5 if scale is None else float(scale)
+    n_rows = _check_rows(return_attn_rows, N)
+    bias = _additive_bias(attn_bias, qkv, B, H, N)
+    q, k, v = _unpack(qkv)
+    if attention_decline(q, attn_bias=bias, dropout_p=dropout_p) is not None:
+        out = _sdpa(q, k, v, bias, scale, dropout_p, False).transpose(1, 2)
+        rows = _eager_rows(q, k, bias, scale, n_rows)
+    else:
+        out, _, rows = torch.ops.fastvision.attention_qkvpacked(qkv, bias, scale, n_rows, _allow_tf32())
+    return (out, rows) if return_attn_rows else out

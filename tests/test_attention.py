@@ -1,0 +1,278 @@
+"""Fused attention vs a float64 reference: outputs, dq/dk/dv, CLS rows, bias, fallbacks, compile.
+
+Every N class of ViT/DINO (1, 37, 145, 197, 257, 577, 785, 3137) and every head dim
+(32, 64, 80, 96, 128) appears; the interpreter grid is reduced, the GPU runs the same cases.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastvision import ops
+from fastvision.testing import assert_close, relative_error
+from conftest import kernel_devices
+from helpers import float64_copies, randn
+
+# (batch, heads, tokens, head_dim, dtype, packed)
+CASES = [
+    (1, 1, 1, 64, torch.float32, False),
+    (2, 3, 37, 32, torch.float16, True),
+    (1, 2, 37, 64, torch.bfloat16, False),
+    (1, 2, 145, 80, torch.bfloat16, True),
+    (2, 1, 197, 64, torch.float32, True),
+    (1, 2, 197, 96, torch.float16, False),
+    (1, 1, 257, 128, torch.bfloat16, True),
+    (1, 1, 257, 64, torch.float16, False),
+    (1, 1, 577, 64, torch.float16, True),
+    (1, 1, 785, 64, torch.bfloat16, False),
+    (1, 1, 3137, 32, torch.float16, True),
+]
+
+
+def reference(q, k, v, scale, bias=None):
+    s = (q @ k.transpose(-2, -1)) * scale
+    if bias is not None:
+        s = s + bias
+    return s.softmax(-1) @ v
+
+
+def _qkv(B, H, N, d, dtype, device, packed, std=3.0):
+    """q, k, v leaves as (B, H, N, d) tensors, or one packed (B, N, 3, H, d) leaf."""
+    if packed:
+        return (randn(B, N, 3, H, d, dtype=dtype, device=device, std=std, requires_grad=True),)
+    return tuple(randn(B, H, N, d, dtype=dtype, device=device, std=std, requires_grad=True) for _ in range(3))
+
+
+def _as_heads(inputs):
+    if len(inputs) == 1:
+        return tuple(inputs[0].select(2, i).transpose(1, 2) for i in range(3))
+    return inputs
+
+
+def _fused(inputs, scale, **kwargs):
+    if len(inputs) == 1:
+        return ops.attention_qkvpacked(inputs[0], scale=scale, **kwargs)
+    return ops.attention(*inputs, scale=scale, **kwargs)
+
+
+def _to_heads_out(out, packed):
+    return out.transpose(1, 2) if packed else out
+
+
+def _additive(bias):
+    if bias.dtype != torch.bool:
+        return bias
+    return torch.zeros(bias.shape, device=bias.device).masked_fill(~bias, float("-inf"))
+
+
+def _check(inputs, dtype, scale=None, bias=None, names=("q", "k", "v")):
+    q = _as_heads(inputs)[0]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    packed = len(inputs) == 1
+    out = _fused(inputs, scale, attn_bias=bias)
+    grad_out = randn(*out.shape, dtype=dtype, device=out.device)
+    out.backward(grad_out)
+
+    ref_inputs = float64_copies(*inputs)
+    ref_bias = None if bias is None else _additive(bias).double().cpu()
+    ref = reference(*_as_heads(ref_inputs), scale, ref_bias)
+    ref_out = ref.transpose(1, 2) if packed else ref
+    ref_out.backward(grad_out.double().cpu())
+
+    assert out.dtype == dtype
+    assert_close(out, ref_out, dtype, name="output")
+    for name, t, r in zip(("qkv",) if packed else names, inputs, ref_inputs):
+        assert_close(t.grad, r.grad, dtype, name=f"grad of {name}")
+
+
+# bf16 keeps 8 bits: at std 3 (logits of std 9) the gradients of q and k lose more than 1e-2
+# in any bf16 attention, eager PyTorch included; test_bf16_large_logits compares with eager there.
+STD = {torch.float32: 3.0, torch.float16: 3.0, torch.bfloat16: 1.5}
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("B,H,N,d,dtype,packed", CASES, ids=lambda v: str(v).replace("torch.", ""))
+def test_attention_matches_float64(device, B, H, N, d, dtype, packed):
+    _check(_qkv(B, H, N, d, dtype, device, packed, std=STD[dtype]), dtype)
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("N", [37, 197])
+def test_bf16_large_logits_no_worse_than_eager(device, N):
+    """std 3 inputs in bf16: output within 1e-2; every gradient within 1.25x eager bf16 autograd's error."""
+    inputs = _qkv(2, 2, N, 64, torch.bfloat16, device, packed=False, std=3.0)
+    eager_inputs = tuple(t.detach().clone().requires_grad_() for t in inputs)
+    ref_inputs = float64_copies(*inputs)
+    grad_out = randn(2, 2, N, 64, dtype=torch.bfloat16, device=device)
+    outs = []
+    for fn, args in ((ops.attention, inputs), (lambda *a: reference(*a, 0.125), eager_inputs),
+                     (lambda *a: reference(*a, 0.125), ref_inputs)):
+        out = fn(*args)
+        out.backward(grad_out.to(out.dtype).to(out.device))
+        outs.append(out)
+    assert_close(outs[0], outs[2], torch.bfloat16)
+    for name, fused, eager, ref in zip("qkv", inputs, eager_inputs, ref_inputs):
+        eager_error = relative_error(eager.grad, ref.grad)
+        assert_close(fused.grad, ref.grad, name=f"grad of {name}", tol=max(1e-2, 1.25 * eager_error))
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("bias_shape", [(1, 2, 77, 77), (3, 1, 1, 77), (77, 77)], ids=str)
+def test_attention_additive_bias(device, bias_shape):
+    inputs = _qkv(3, 2, 77, 64, torch.float32, device, packed=False)
+    _check(inputs, torch.float32, bias=randn(*bias_shape, device=device, std=2.0))
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_attention_bool_mask_matches_sdpa(device):
+    q, k, v = _qkv(2, 2, 50, 32, torch.float32, device, packed=False)
+    keep = torch.rand(2, 1, 1, 50, device=device) > 0.3
+    keep[..., 0] = True  # every row keeps one key
+    additive = torch.zeros(keep.shape, device=device).masked_fill(~keep, float("-inf"))
+    _check((q, k, v), torch.float32, bias=keep)
+    q.grad = k.grad = v.grad = None
+    _check((q, k, v), torch.float32, bias=additive)
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_fully_masked_row_is_nan_like_softmax(device):
+    q, k, v = (randn(1, 1, 20, 32, device=device) for _ in range(3))
+    bias = torch.zeros(1, 1, 20, 20, device=device)
+    bias[..., 3, :] = float("-inf")
+    out = ops.attention(q, k, v, attn_bias=bias)
+    assert torch.isnan(out[0, 0, 3]).all()
+    rest = torch.cat([out[0, 0, :3], out[0, 0, 4:]])
+    ref = reference(*float64_copies(q, k, v), 32 ** -0.5, bias.double().cpu())[0, 0]
+    assert_close(rest, torch.cat([ref[:3], ref[4:]]), torch.float32)
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("N,n_rows,packed,dtype", [(37, 1, True, torch.bfloat16), (197, 1, False, torch.float16),
+                                                   (100, 5, True, torch.float32), (3, 16, False, torch.float32)])
+def test_attention_rows_match_eager_softmax(device, N, n_rows, packed, dtype):
+    inputs = _qkv(2, 3, N, 64, dtype, device, packed)
+    scale = 0.1
+    out, rows = _fused(inputs, scale, return_attn_rows=n_rows)
+    q, k, v = _as_heads(float64_copies(*inputs))
+    probs = ((q @ k.transpose(-2, -1)) * scale).softmax(-1)
+    assert rows.shape == (2, 3, min(n_rows, N), N) and rows.dtype == dtype
+    assert_close(rows, probs[:, :, :n_rows], dtype, name="attention rows")
+    assert_close(_to_heads_out(out, packed), probs @ v, dtype)
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_attention_rows_with_bias(device):
+    q, k, v = (randn(1, 2, 40, 32, device=device) for _ in range(3))
+    bias = randn(1, 2, 40, 40, device=device)
+    _, rows = ops.attention(q, k, v, attn_bias=bias, return_attn_rows=2)
+    qd, kd, _ = float64_copies(q, k, v)
+    probs = ((qd @ kd.transpose(-2, -1)) * 32 ** -0.5 + bias.double().cpu()).softmax(-1)
+    assert_close(rows, probs[:, :, :2], torch.float32)
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_attention_deterministic(device):
+    inputs = _qkv(1, 2, 145, 64, torch.float16, device, packed=True)
+    results = []
+    for _ in range(2):
+        inputs[0].grad = None
+        out = ops.attention_qkvpacked(inputs[0])
+        out.backward(torch.ones_like(out))
+        results.append((out.detach().clone(), inputs[0].grad.clone()))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_attention_gradcheck_float64(device):
+    q, k, v = (randn(1, 2, 9, 16, dtype=torch.float64, device=device, requires_grad=True) for _ in range(3))
+    bias = randn(1, 1, 9, 9, dtype=torch.float64, device=device)
+    assert torch.autograd.gradcheck(lambda a, b, c: ops.attention(a, b, c, attn_bias=bias), (q, k, v),
+                                    fast_mode=True)
+
+
+def test_attention_decline_reasons():
+    q = torch.empty(1, 2, 8, 256)
+    assert "head dim 256" in (ops.attention_decline(q) or "") or ops.attention_decline(q).startswith("CPU")
+    if ops.triton_interpreted():
+        assert "head dim 256" in ops.attention_decline(q)
+        assert "dropout" in ops.attention_decline(torch.empty(1, 2, 8, 64), dropout_p=0.1)
+        assert "causal" in ops.attention_decline(torch.empty(1, 2, 8, 64), is_causal=True)
+        assert ops.attention_decline(torch.empty(1, 2, 8, 64)) is None
+
+
+@pytest.mark.parametrize("case", ["head_dim_256", "cross_attention", "dropout_eval_equivalent", "bias_requires_grad"])
+def test_unsupported_inputs_fall_back_to_eager(case):
+    torch.manual_seed(0)
+    if case == "head_dim_256":
+        q, k, v = (randn(1, 2, 10, 256, requires_grad=True) for _ in range(3))
+        bias = None
+    elif case == "cross_attention":
+        q = randn(1, 2, 10, 64, requires_grad=True)
+        k, v = (randn(1, 2, 13, 64, requires_grad=True) for _ in range(2))
+        bias = None
+    elif case == "dropout_eval_equivalent":
+        q, k, v = (randn(1, 2, 10, 64, requires_grad=True) for _ in range(3))
+        bias = None
+    else:
+        q, k, v = (randn(1, 2, 10, 64, requires_grad=True) for _ in range(3))
+        bias = randn(1, 2, 10, 10, requires_grad=True)
+    out = ops.attention(q, k, v, attn_bias=bias)
+    out.backward(torch.ones_like(out))
+    refs = float64_copies(q, k, v, bias)
+    ref = reference(*refs[:3], q.shape[-1] ** -0.5, refs[3])
+    ref.backward(torch.ones_like(ref))
+    assert_close(out, ref, torch.float32)
+    for t, r in zip((q, k, v, bias), refs):
+        if t is not None:
+            assert_close(t.grad, r.grad, torch.float32)
+
+
+def test_dropout_falls_back_to_sdpa_dropout():
+    q, k, v = (randn(1, 2, 16, 32) for _ in range(3))
+    torch.manual_seed(1)
+    out = ops.attention(q, k, v, dropout_p=0.5)
+    torch.manual_seed(1)
+    ref = F.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda: ops.attention(torch.ones(1, 2, 3, 4, dtype=torch.int32), torch.ones(1, 2, 3, 4), torch.ones(1, 2, 3, 4)),
+     "q must be a floating-point"),
+    (lambda: ops.attention(torch.ones(2, 3, 4), torch.ones(2, 3, 4), torch.ones(2, 3, 4)), "q must be 4-D"),
+    (lambda: ops.attention(torch.ones(1, 2, 3, 4), torch.ones(1, 2, 3, 8), torch.ones(1, 2, 3, 4)), "do not match"),
+    (lambda: ops.attention(*(torch.ones(1, 2, 3, 4),) * 3, attn_bias=torch.ones(5, 5)), "attn_bias of shape"),
+    (lambda: ops.attention(*(torch.ones(1, 2, 3, 4),) * 3, attn_bias=torch.ones(3, 3, dtype=torch.int64)),
+     "attn_bias must be a bool or floating-point"),
+    (lambda: ops.attention(*(torch.ones(1, 2, 3, 4),) * 3, return_attn_rows=17), "return_attn_rows"),
+    (lambda: ops.attention_qkvpacked(torch.ones(1, 3, 2, 2, 4)), "qkv must have shape"),
+])
+def test_bad_input_raises_clear_error(bad, message):
+    with pytest.raises((TypeError, ValueError), match=message):
+        bad()
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_attention_autocast_runs_in_lower_precision(device):
+    q, k, v = (randn(1, 2, 33, 32, device=device) for _ in range(3))
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out = ops.attention(q, k, v)
+        ref = F.scaled_dot_product_attention(q, k, v)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    assert_close(out, reference(*float64_copies(q, k, v), 32 ** -0.5), torch.bfloat16)
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_attention_compiles_fullgraph(device):
+    torch._dynamo.reset()
+
+    def block(qkv):
+        out, rows = ops.attention_qkvpacked(qkv, return_attn_rows=1)
+        return out.sum() + rows.sum()
+
+    qkv = randn(2, 37, 3, 2, 32, device=device, requires_grad=True)
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    loss = compiled(qkv)
+    loss.backward()
+    expected = qkv.detach().clone().requires_grad_()
+    block(expected).backward()
+    assert_close(qkv.grad, expected.grad, torch.float32)

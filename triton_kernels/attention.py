@@ -1,0 +1,381 @@
+"""Fused multi-head attention (FlashAttention-2 scheme), forward and backward.
+
+Forward, per (batch, head) and block of BLOCK_M query rows, streaming over key blocks:
+    s = q kᵀ · scale (+ bias),  m = running max,  l = running Σ exp(s - m),
+    acc = Σ exp(s - m) v  →  o = acc / l,  lse = m + log l   (no N×N matrix in memory)
+Scores are kept in base 2 (scale · log2 e) so the exponentials are exp2.
+With N_ROWS > 0 the first block also writes softmax(s) of its first N_ROWS query rows
+(DINO's CLS attention maps) in a second sweep that reuses the final lse.
+
+Backward (recompute, no atomics, deterministic):
+    delta = rowsum(dO ∘ O)                                    (pre-pass)
+    p = exp(s - lse),  dp = dO vᵀ,  ds = p ∘ (dp - delta)
+    dv = pᵀ dO,  dk = dsᵀ q · scale   (one program per key block, loops over queries)
+    dq = ds k · scale                  (one program per query block, loops over keys)
+
+q, k, v are (B, H, N, d) views with unit stride along d and any other strides, so the
+packed (B, N, 3, H, d) output of a qkv Linear is read in place. Head dims that are not
+a power of two (80, 96) are padded to D_PAD inside the kernel with masked loads.
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import new_output, next_power_of_2, pointer
+
+LOG2E = tl.constexpr(1.4426950408889634)
+MAX_HEAD_DIM = 128
+MAX_ATTENTION_ROWS = 16
+
+
+@triton.jit
+def _load_rows(base, rows, cols, stride_row, N, HEAD_DIM: tl.constexpr):
+    """A (len(rows), D_PAD) tile; rows past N and columns past HEAD_DIM read as 0."""
+    mask = (rows[:, None] < N) & (cols[None, :] < HEAD_DIM)
+    return tl.load(base + rows[:, None] * stride_row + cols[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _scores(q, k, bias_base, stride_bm, stride_bn, offs_m, offs_n, N, scale_log2,
+            HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
+    """Base-2 scores of a (BLOCK_M, BLOCK_N) tile; key columns past N are -inf."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+    if HAS_BIAS:
+        mask = (offs_m[:, None] < N) & (offs_n[None, :] < N)
+        bias = tl.load(bias_base + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn, mask=mask, other=0.0)
+        s += bias.to(s.dtype) * LOG2E
+    return tl.where(offs_n[None, :] < N, s, -float("inf"))
+
+
+@triton.jit
+def attention_fwd_kernel(
+    Q, K, V, Bias, O, LSE, Rows,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_bb, stride_bh, stride_bm, stride_bn, stride_ob, stride_oh, stride_on, stride_rb, stride_rh, stride_rm,
+    H, N, scale_log2,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, N_ROWS: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    bias_base = Bias + b * stride_bb + h * stride_bh
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qn, N, HEAD_DIM)
+
+    acc_ty = tl.float64 if Q.dtype.element_ty == tl.float64 else tl.float32
+    m_i = tl.full([BLOCK_M], -float("inf"), dtype=acc_ty)
+    l_i = tl.zeros([BLOCK_M], dtype=acc_ty)
+    acc = tl.zeros([BLOCK_M, D_PAD], dtype=acc_ty)
+    for start_n in range(0, N, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(k_base, offs_n, offs_d, stride_kn, N, HEAD_DIM)
+        s = _scores(q, k, bias_base, stride_bm, stride_bn, offs_m, offs_n, N, scale_log2, HAS_BIAS, PRECISION)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # A row masked out so far keeps acc = l = 0 instead of exp2(-inf + inf) = NaN.
+        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        v = _load_rows(v_base, offs_n, offs_d, stride_vn, N, HEAD_DIM)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_i = m_new
+
+    # A fully masked row gives 0/0 = NaN and lse = -inf, as softmax over all -inf does.
+    lse2 = tl.where(m_i == -float("inf"), 0.0, m_i) + tl.log2(l_i)
+    o_mask = (offs_m[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
+    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :]
+    tl.store(o_ptrs, (acc / l_i[:, None]).to(O.dtype.element_ty), mask=o_mask)
+    tl.store(LSE + pid_bh.to(tl.int64) * N + offs_m, lse2, mask=offs_m < N)
+
+    if N_ROWS > 0:
+        if pid_m == 0:
+            rows_base = Rows + b * stride_rb + h * stride_rh
+            for start_n in range(0, N, BLOCK_N):
+                offs_n = start_n + tl.arange(0, BLOCK_N)
+                k = _load_rows(k_base, offs_n, offs_d, stride_kn, N, HEAD_DIM)
+                s = _scores(q, k, bias_base, stride_bm, stride_bn, offs_m, offs_n, N, scale_log2,
+                            HAS_BIAS, PRECISION)
+                p = tl.exp2(s - lse2[:, None])
+                r_mask = (offs_m[:, None] < N_ROWS) & (offs_n[None, :] < N)
+                r_ptrs = rows_base + offs_m[:, None] * stride_rm + offs_n[None, :]
+                tl.store(r_ptrs, p.to(Rows.dtype.element_ty), mask=r_mask)
+
+
+@triton.jit
+def attention_bwd_delta_kernel(
+    O, DO, Delta, stride_ob, stride_oh, stride_on, stride_db, stride_dh, stride_dn,
+    H, N, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    acc_ty = tl.float64 if O.dtype.element_ty == tl.float64 else tl.float32
+    o = _load_rows(O + b * stride_ob + h * stride_oh, offs_m, offs_d, stride_on, N, HEAD_DIM).to(acc_ty)
+    do = _load_rows(DO + b * stride_db + h * stride_dh, offs_m, offs_d, stride_dn, N, HEAD_DIM).to(acc_ty)
+    tl.store(Delta + pid_bh.to(tl.int64) * N + offs_m, tl.sum(o * do, axis=1), mask=offs_m < N)
+
+
+@triton.jit
+def attention_bwd_dkdv_kernel(
+    Q, K, V, Bias, DO, LSE, Delta, DK, DV,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_bb, stride_bh, stride_bm, stride_bn, stride_db, stride_dh, stride_dn,
+    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+    H, N, scale, scale_log2,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = DO + b * stride_db + h * stride_dh
+    bias_base = Bias + b * stride_bb + h * stride_bh
+    row_base = pid_bh.to(tl.int64) * N
+    k = _load_rows(K + b * stride_kb + h * stride_kh, offs_n, offs_d, stride_kn, N, HEAD_DIM)
+    v = _load_rows(V + b * stride_vb + h * stride_vh, offs_n, offs_d, stride_vn, N, HEAD_DIM)
+
+    acc_ty = tl.float64 if Q.dtype.element_ty == tl.float64 else tl.float32
+    dk = tl.zeros([BLOCK_N, D_PAD], dtype=acc_ty)
+    dv = tl.zeros([BLOCK_N, D_PAD], dtype=acc_ty)
+    for start_m in range(0, N, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q = _load_rows(q_base, offs_m, offs_d, stride_qn, N, HEAD_DIM)
+        do = _load_rows(do_base, offs_m, offs_d, stride_dn, N, HEAD_DIM)
+        # Rows past N have q = dO = 0, so whatever p they get contributes nothing.
+        lse2 = tl.load(LSE + row_base + offs_m, mask=offs_m < N, other=0.0)
+        delta = tl.load(Delta + row_base + offs_m, mask=offs_m < N, other=0.0)
+        # Transposed tile: sᵀ (BLOCK_N, BLOCK_M), so dv and dk accumulate without transposing p.
+        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale_log2
+        if HAS_BIAS:
+            mask = (offs_m[None, :] < N) & (offs_n[:, None] < N)
+            bias = tl.load(bias_base + offs_m[None, :] * stride_bm + offs_n[:, None] * stride_bn, mask=mask, other=0.0)
+            s_t += bias.to(s_t.dtype) * LOG2E
+        p_t = tl.exp2(s_t - lse2[None, :])
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+
+    mask = (offs_n[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
+    dk_ptrs = DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
+    dv_ptrs = DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :]
+    tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=mask)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def attention_bwd_dq_kernel(
+    Q, K, V, Bias, DO, LSE, Delta, DQ,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_bb, stride_bh, stride_bm, stride_bn, stride_db, stride_dh, stride_dn,
+    stride_dqb, stride_dqh, stride_dqn,
+    H, N, scale, scale_log2,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    bias_base = Bias + b * stride_bb + h * stride_bh
+    row_base = pid_bh.to(tl.int64) * N
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qn, N, HEAD_DIM)
+    do = _load_rows(DO + b * stride_db + h * stride_dh, offs_m, offs_d, stride_dn, N, HEAD_DIM)
+    lse2 = tl.load(LSE + row_base + offs_m, mask=offs_m < N, other=0.0)
+    delta = tl.load(Delta + row_base + offs_m, mask=offs_m < N, other=0.0)
+
+    acc_ty = tl.float64 if Q.dtype.element_ty == tl.float64 else tl.float32
+    dq = tl.zeros([BLOCK_M, D_PAD], dtype=acc_ty)
+    for start_n in range(0, N, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(k_base, offs_n, offs_d, stride_kn, N, HEAD_DIM)
+        v = _load_rows(v_base, offs_n, offs_d, stride_vn, N, HEAD_DIM)
+        s = _scores(q, k, bias_base, stride_bm, stride_bn, offs_m, offs_n, N, scale_log2, HAS_BIAS, PRECISION)
+        p = tl.exp2(s - lse2[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+
+    mask = (offs_m[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
+    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :]
+    tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Block sizes. On CUDA each kernel is autotuned per (N, head dim, dtype); configurations whose
+# query block is far larger than N are pruned, so short DINO/ViT sequences (37, 145, 197, 257)
+# get small tiles and more programs. The interpreter uses one fixed, small configuration.
+
+def _config(block_m, block_n, warps, stages):
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+
+
+FWD_CONFIGS = [
+    _config(128, 64, 4, 3), _config(128, 128, 8, 3), _config(128, 32, 4, 3),
+    _config(64, 64, 4, 3), _config(64, 32, 4, 2), _config(128, 64, 8, 2), _config(64, 128, 4, 2),
+]
+DKDV_CONFIGS = [
+    _config(64, 64, 4, 2), _config(32, 64, 4, 2), _config(64, 128, 8, 2), _config(32, 128, 4, 2),
+    _config(16, 64, 4, 2), _config(64, 32, 4, 2),
+]
+DQ_CONFIGS = [
+    _config(64, 64, 4, 2), _config(128, 64, 8, 2), _config(64, 32, 4, 2), _config(128, 32, 4, 2),
+    _config(32, 64, 4, 2),
+]
+# The interpreter's cost is per program and loop step: long sequences take big tiles.
+INTERPRETER_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 64}
+INTERPRETER_LONG_BLOCKS = {"BLOCK_M": 128, "BLOCK_N": 128}
+DELTA_BLOCK_M = 64
+
+
+def _prune_for_length(configs, named_args, **kwargs):
+    """Drop tiles much longer than the sequence (they only add masked work)."""
+    limit = max(next_power_of_2(named_args["N"]), 16)
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= limit and c.kwargs["BLOCK_N"] <= max(limit, 32)]
+    return kept or configs[:1]
+
+
+def _tuned(kernel, configs):
+    return triton.autotune(configs, key=["N", "HEAD_DIM", "HAS_BIAS", "PRECISION"],
+                           prune_configs_by={"early_config_prune": _prune_for_length})(kernel)
+
+
+_fwd_tuned = _tuned(attention_fwd_kernel, FWD_CONFIGS)
+_dkdv_tuned = _tuned(attention_bwd_dkdv_kernel, DKDV_CONFIGS)
+_dq_tuned = _tuned(attention_bwd_dq_kernel, DQ_CONFIGS)
+
+
+def _launch(kernel, tuned, grid_axis, tensor, n, programs_per_row, *args, **meta):
+    """Autotuned launch on CUDA; fixed blocks in the interpreter. Grid: (blocks along N, B*H)."""
+    if tensor.device.type == "cuda":
+        tuned[lambda m: (triton.cdiv(n, m[grid_axis]), programs_per_row)](*args, **meta)
+    else:
+        blocks = INTERPRETER_BLOCKS if n <= 1024 else INTERPRETER_LONG_BLOCKS
+        kernel[(triton.cdiv(n, blocks[grid_axis]), programs_per_row)](*args, **meta, **blocks)
+
+
+def _strides(t):
+    """(batch, head, row) strides of a (B, H, N, d) view; broadcast dims of a bias give 0."""
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def head_dim_padded(d: int) -> int:
+    return max(next_power_of_2(d), 16)
+
+
+def dot_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
+    return "tf32" if dtype == torch.float32 and allow_tf32 else "ieee"
+
+
+def _bias_args(bias, q):
+    """Pointer and strides of a bias broadcast to (B, H, N, N); a dummy pointer when absent."""
+    if bias is None:
+        return (q, 0, 0, 0, 0)
+    B, H, N, _ = q.shape
+    bias = bias.expand(B, H, N, N)
+    return (bias, *bias.stride())
+
+
+def attention_fwd(q, k, v, *, scale: float, bias=None, n_rows: int = 0, allow_tf32: bool = False,
+                  heads_last_output: bool = False):
+    """(out, lse, rows) for (B, H, N, d) views q, k, v with unit stride along d.
+
+    out is (B, H, N, d) (a view of a (B, N, H, d) buffer when heads_last_output), lse is
+    the base-2 log-sum-exp per row, (B*H, N); rows holds softmax of the first n_rows
+    query rows, (B, H, n_rows, N) (empty when n_rows is 0).
+    """
+    B, H, N, d = q.shape
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if heads_last_output:
+        out = new_output((B, N, H, d), dtype=q.dtype, device=q.device).transpose(1, 2)
+    else:
+        out = new_output((B, H, N, d), dtype=q.dtype, device=q.device)
+    lse = new_output((B * H, N), dtype=acc, device=q.device)
+    rows = new_output((B, H, n_rows, N), dtype=q.dtype, device=q.device)
+    rows_arg = rows if n_rows else out
+    rows_strides = rows.stride()[:3] if n_rows else (0, 0, 0)
+    _launch(attention_fwd_kernel, _fwd_tuned, "BLOCK_M", q, N, B * H,
+            q, k, v, _bias_args(bias, q)[0], out, lse, rows_arg,
+            *_strides(q), *_strides(k), *_strides(v), *_bias_args(bias, q)[1:], *_strides(out), *rows_strides,
+            H, N, scale * math.log2(math.e),
+            HEAD_DIM=d, D_PAD=head_dim_padded(d), HAS_BIAS=bias is not None, N_ROWS=n_rows,
+            PRECISION=dot_precision(q.dtype, allow_tf32))
+    return out, lse, rows
+
+
+def attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, *, scale: float, bias=None, allow_tf32: bool = False):
+    """Write dq, dk, dv (preallocated (B, H, N, d) views, e.g. slices of a packed dqkv)."""
+    B, H, N, d = q.shape
+    d_pad = head_dim_padded(d)
+    delta = torch.empty((B * H, N), dtype=lse.dtype, device=q.device)
+    attention_bwd_delta_kernel[(triton.cdiv(N, DELTA_BLOCK_M), B * H)](
+        out, dout, delta, *_strides(out), *_strides(dout), H, N,
+        HEAD_DIM=d, D_PAD=d_pad, BLOCK_M=DELTA_BLOCK_M)
+    bias_ptr, *bias_strides = _bias_args(bias, q)
+    common = (*_strides(q), *_strides(k), *_strides(v), *bias_strides, *_strides(dout))
+    meta = dict(HEAD_DIM=d, D_PAD=d_pad, HAS_BIAS=bias is not None, PRECISION=dot_precision(q.dtype, allow_tf32))
+    scale_log2 = scale * math.log2(math.e)
+    _launch(attention_bwd_dkdv_kernel, _dkdv_tuned, "BLOCK_N", q, N, B * H,
+            q, k, v, bias_ptr, dout, lse, delta, dk, dv, *common, *_strides(dk), *_strides(dv),
+            H, N, scale, scale_log2, **meta)
+    _launch(attention_bwd_dq_kernel, _dq_tuned, "BLOCK_M", q, N, B * H,
+            q, k, v, bias_ptr, dout, lse, delta, dq, *common, *_strides(dq),
+            H, N, scale, scale_log2, **meta)
+    return dq, dk, dv
+
+
+def _signature(kernel, pointers, accumulators=("LSE", "Delta")):
+    """Triton signature: the listed pointers, fp32 scales, i32 strides/sizes, constexpr the rest."""
+    sig = {}
+    for name in kernel.arg_names:
+        if name in accumulators:
+            sig[name] = pointer(torch.float32)
+        elif name in ("Q", "K", "V", "Bias", "O", "Rows", "DO", "DQ", "DK", "DV"):
+            sig[name] = pointers
+        elif name.startswith("scale"):
+            sig[name] = "fp32"
+        elif name.startswith("stride_") or name in ("H", "N"):
+            sig[name] = "i32"
+        else:
+            sig[name] = "constexpr"
+    return sig
+
+
+def aot_specializations():
+    """(kernel, signature, constexprs, options) for the variants the launchers use: see tests/test_aot_compile.py.
+
+    Every autotune configuration at the main case (bf16, d=64, with and without bias); the
+    first configuration of each kernel for every other dtype and head dim.
+    """
+    kernels = ((attention_fwd_kernel, FWD_CONFIGS, {"N_ROWS": 1}), (attention_bwd_dkdv_kernel, DKDV_CONFIGS, {}),
+               (attention_bwd_dq_kernel, DQ_CONFIGS, {}))
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for d in (32, 64, 80, 96, 128):
+            main_case = dtype == torch.bfloat16 and d == 64
+            for has_bias in ((False, True) if main_case else (False,)):
+                base = dict(HEAD_DIM=d, D_PAD=head_dim_padded(d), HAS_BIAS=has_bias,
+                            PRECISION=dot_precision(dtype, True))
+                for kernel, configs, extra in kernels:
+                    for cfg in (configs if main_case else configs[:1]):
+                        options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+                        yield kernel, _signature(kernel, pointer(dtype)), {**base, **extra, **cfg.kwargs}, options
+        yield (attention_bwd_delta_kernel, _signature(attention_bwd_delta_kernel, pointer(dtype)),
+               dict(HEAD_DIM=80, D_PAD=128, BLOCK_M=DELTA_BLOCK_M), {"num_warps": 4})
