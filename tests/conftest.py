@@ -12,6 +12,9 @@ import torch
 
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
+# One heuristic configuration per kernel instead of autotuning every shape (compile time);
+# tests/test_attention.py runs every autotune configuration on its own.
+os.environ.setdefault("FASTVISION_AUTOTUNE", "0")
 
 
 def _fix_interpreter_bf16() -> None:

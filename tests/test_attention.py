@@ -276,3 +276,23 @@ def test_attention_compiles_fullgraph(device):
     expected = qkv.detach().clone().requires_grad_()
     block(expected).backward()
     assert_close(qkv.grad, expected.grad, torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="autotune configurations run on CUDA only")
+@pytest.mark.parametrize("kernel", ["fwd", "dkdv", "dq"])
+def test_every_autotune_config_is_correct(kernel, monkeypatch):
+    from fastvision.triton_kernels import attention as kernels
+
+    configs = {"fwd": kernels.FWD_CONFIGS, "dkdv": kernels.DKDV_CONFIGS, "dq": kernels.DQ_CONFIGS}[kernel]
+    for cfg in configs:
+        monkeypatch.setattr(kernels, "forced_config", cfg)
+        for d, dtype in ((80, torch.float16), (64, torch.bfloat16)):
+            inputs = _qkv(2, 3, 197, d, dtype, "cuda", packed=True, std=1.5)
+            try:
+                _check(inputs, dtype, bias=randn(1, 3, 197, 197, device="cuda"))
+            except AssertionError as exc:
+                raise AssertionError(f"{cfg}: {exc}") from None
+            except Exception as exc:  # out of shared memory: autotuning skips such configurations too
+                if "OutOfResources" not in type(exc).__name__:
+                    raise

@@ -1,0 +1,56 @@
+"""fastvision.verify on full-size timm models on the GPU: patched vs eager vs float64, per module and gradient.
+
+    python -m benchmarks.verify_models --out verify.json [--models vit_small_patch16_224,...] [--dtype bfloat16]
+"""
+import argparse
+import json
+import time
+
+import torch
+
+import fastvision
+
+DEFAULT_MODELS = "vit_small_patch16_224,vit_base_patch16_224"
+
+
+def verify_model(name: str, dtype: torch.dtype, batch: int, device: str) -> dict:
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).eval()
+    size = model.pretrained_cfg.get("input_size", (3, 224, 224))
+    images = torch.randn(batch, *size)
+    start = time.perf_counter()
+    report = fastvision.verify(model, images, dtype=dtype, device=device)
+    print(report.table())
+    return {
+        "model": name, "dtype": str(dtype), "device": device, "batch": batch, "passed": report.passed,
+        "seconds": round(time.perf_counter() - start, 1), "declined": report.declined,
+        "checks": [{"name": c.name, "kind": c.kind, "patched_error": c.patched_error, "eager_error": c.eager_error,
+                    "tolerance": c.tolerance, "passed": c.passed} for c in report.checks],
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--models", default=DEFAULT_MODELS)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    results = []
+    for name in args.models.split(","):
+        try:
+            results.append(verify_model(name, getattr(torch, args.dtype), args.batch, args.device))
+        except Exception as exc:  # one model's failure is recorded, the others still run
+            results.append({"model": name, "error": f"{type(exc).__name__}: {exc}"})
+    device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    with open(args.out, "w") as f:
+        json.dump({"device": device_name, "torch": torch.__version__, "results": results}, f, indent=1)
+    for r in results:
+        print(r["model"], "PASSED" if r.get("passed") else f"FAILED {r.get('error', '')}")
+
+
+if __name__ == "__main__":
+    main()
