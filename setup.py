@@ -82,7 +82,7 @@ setup(
     cmdclass=cmdclass,
     install_requires=["torch>=2.4", "triton>=3.0; platform_system == 'Linux'"],
     extras_require={
-        "test": ["pytest>=7", "timm>=1.0", "torchvision>=0.19", "numpy>=1.22"],
+        "test": ["pytest>=7", "timm>=1.0", "torchvision>=0.19", "numpy>=1.22", "matplotlib>=3.5"],
         "bench": ["timm>=1.0", "torchvision>=0.19", "matplotlib>=3.5", "tqdm>=4.60"],
     },
     zip_safe=False,

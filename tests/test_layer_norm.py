@@ -160,3 +160,44 @@ def test_layer_norm_declines_with_reason():
     x = torch.randn(2, 8)
     reason = fastvision.ops.layer_norm_decline(x.to(torch.complex64))
     assert reason is not None and "dtype" in reason
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("residual_dtype", (torch.bfloat16, torch.float16), ids=str)
+def test_add_layer_norm_mixed_dtypes_read_in_place(device, residual_dtype):
+    """A float32 residual stream plus a low-precision branch: the sum is float32, as `x + r` gives."""
+    hidden = 197
+    x = randn(3, hidden, device=device, requires_grad=True)
+    r = randn(3, hidden, dtype=residual_dtype, device=device, requires_grad=True)
+    w, b = randn(hidden, device=device), randn(hidden, device=device)
+    y, h = fastvision.ops.add_layer_norm(x, r, (hidden,), w, b)
+    assert h.dtype == y.dtype == torch.float32
+    (y.sum() + (h * h).sum()).backward()
+    xr, rr, wr, br = float64_copies(x, r, w, b)
+    hr = xr + rr
+    yr = reference_layer_norm(hr, wr, br)
+    (yr.sum() + (hr * hr).sum()).backward()
+    assert_close(h, hr, torch.float32, name="x + residual")
+    assert_close(y, yr, torch.float32, name="y")
+    assert x.grad.dtype == torch.float32 and r.grad.dtype == residual_dtype
+    assert_close(x.grad, xr.grad, torch.float32, name="grad of x")
+    assert_close(r.grad, rr.grad, residual_dtype, name="grad of residual")
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("out_dtype", (torch.bfloat16, torch.float16, torch.float32), ids=str)
+def test_layer_norm_out_dtype(device, out_dtype):
+    """Statistics in float32 from a float32 input, one rounding to out_dtype at the store."""
+    x = randn(5, 384, device=device, std=2.0, mean=3.0, requires_grad=True)
+    w, b = randn(384, device=device, requires_grad=True), randn(384, device=device, requires_grad=True)
+    y = fastvision.ops.layer_norm(x, (384,), w, b, out_dtype=out_dtype)
+    assert y.dtype == out_dtype
+    dy = randn(5, 384, dtype=out_dtype, device=device)
+    y.backward(dy)
+    refs = float64_copies(x, w, b)
+    ref = reference_layer_norm(*refs)
+    ref.backward(dy.double().cpu())
+    assert_close(y, ref, out_dtype)
+    for name, t, rt in zip(("x", "weight", "bias"), (x, w, b), refs):
+        assert t.grad.dtype == torch.float32
+        assert_close(t.grad, rt.grad, out_dtype, name=f"grad of {name}")

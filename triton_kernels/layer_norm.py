@@ -31,7 +31,7 @@ def layer_norm_fwd_kernel(
     BLOCK_N: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    acc_ty = tl.float64 if X.dtype.element_ty == tl.float64 else tl.float32
+    acc_ty = Mean.dtype.element_ty
     if HAS_RESIDUAL:
         src = H
         stride_src = stride_h
@@ -191,13 +191,17 @@ def _block(n: int):
     return STREAM_BLOCK, False
 
 
-def layer_norm_fwd(x, weight, bias, eps, residual=None):
-    """x, residual: (M, N) with unit column stride. Returns y, h (or None), mean, rstd."""
+def layer_norm_fwd(x, weight, bias, eps, residual=None, out_dtype=None):
+    """x, residual: (M, N) with unit column stride. Returns y, h (or None), mean, rstd.
+
+    h = x + residual has the promoted dtype of the two; y has ``out_dtype`` (default: h's).
+    """
     M, N = x.shape
     block, single = _block(N)
-    y = new_output((M, N), dtype=x.dtype, device=x.device)
-    h = new_output((M, N), dtype=x.dtype, device=x.device) if residual is not None else None
-    stats_dtype = accumulator_dtype(x.dtype)
+    h_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    y = new_output((M, N), dtype=out_dtype or h_dtype, device=x.device)
+    h = new_output((M, N), dtype=h_dtype, device=x.device) if residual is not None else None
+    stats_dtype = accumulator_dtype(h_dtype)
     mean = new_output((M,), dtype=stats_dtype, device=x.device)
     rstd = new_output((M,), dtype=stats_dtype, device=x.device)
     if M == 0:

@@ -1,3 +1,5 @@
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -19,12 +21,13 @@ class LayerNorm(nn.LayerNorm):
         new.register_parameter("bias", norm.bias)
         return new
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+    def forward(self, x: torch.Tensor, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        return ops.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps, out_dtype=out_dtype)
 
-    def forward_add(self, x: torch.Tensor, residual: torch.Tensor):
+    def forward_add(self, x: torch.Tensor, residual: torch.Tensor, out_dtype: Optional[torch.dtype] = None):
         """(self(x + residual), x + residual) in one pass."""
-        return ops.add_layer_norm(x, residual, self.normalized_shape, self.weight, self.bias, self.eps)
+        return ops.add_layer_norm(x, residual, self.normalized_shape, self.weight, self.bias, self.eps,
+                                  out_dtype=out_dtype)
 
     def why_not(self, x: torch.Tensor):
         """Why this module falls back to eager on ``x`` (None when the kernel runs)."""

@@ -31,13 +31,29 @@ class Block(nn.Module):
         self.fuse_residual_norm = fuse_residual_norm
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
-        a = self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
+        if isinstance(self.norm1, LayerNorm):
+            y = self.norm1(x, out_dtype=_linear_input_dtype(x, self.attn, "qkv"))
+        else:
+            y = self.norm1(x)
+        a = self.drop_path1(self.ls1(self.attn(y, attn_mask=attn_mask, is_causal=is_causal)))
         if self.fuse_residual_norm and isinstance(self.norm2, LayerNorm):
-            y, x = self.norm2.forward_add(x, a)
+            y, x = self.norm2.forward_add(x, a, out_dtype=_linear_input_dtype(x, self.mlp, "fc1"))
         else:
             x = x + a
             y = self.norm2(x)
         return x + self.drop_path2(self.ls2(self.mlp(y)))
+
+
+def _linear_input_dtype(x: torch.Tensor, consumer: nn.Module, linear_name: str) -> Optional[torch.dtype]:
+    """The dtype an autocast Linear that reads x first would cast it to (None outside autocast).
+
+    A LayerNorm feeding such a consumer can write that dtype directly: the same values,
+    half the bytes, and no cast kernel before the matmul.
+    """
+    device = x.device.type
+    if not isinstance(getattr(consumer, linear_name, None), nn.Linear) or not torch.is_autocast_enabled(device):
+        return None
+    return torch.get_autocast_dtype(device)
 
 
 class Mlp(nn.Module):

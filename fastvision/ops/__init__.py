@@ -6,6 +6,8 @@ the Triton kernel where the inputs are supported and the eager op otherwise; the
 """
 from .attention import attention, attention_decline, attention_qkvpacked
 from ._common import device_decline, triton_interpreted
+from .batchnorm import fold_batchnorm
+from .conv import conv_bn_act, conv_bn_act_decline
 from .gelu import APPROXIMATIONS as GELU_APPROXIMATIONS
 from .gelu import bias_gelu, gelu, gelu_decline
 from .layer_norm import add_layer_norm, layer_norm, layer_norm_decline
@@ -13,6 +15,7 @@ from .softmax import softmax, softmax_decline
 
 __all__ = [
     "attention", "attention_decline", "attention_qkvpacked",
-    "GELU_APPROXIMATIONS", "add_layer_norm", "bias_gelu", "device_decline", "gelu", "gelu_decline", "layer_norm",
+    "GELU_APPROXIMATIONS", "add_layer_norm", "bias_gelu", "conv_bn_act", "conv_bn_act_decline", "device_decline",
+    "fold_batchnorm", "gelu", "gelu_decline", "layer_norm",
     "layer_norm_decline", "softmax", "softmax_decline", "triton_interpreted",
 ]

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _common as C
+from ._dispatch import call, define
 
-_LIB = "fastvision"
 MAX_HEAD_DIM = 128
 MAX_ATTENTION_ROWS = 16
 LOG2E = 1.0 / math.log(2.0)
@@ -73,8 +73,7 @@ def _unit_stride(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-@torch.library.custom_op(f"{_LIB}::attention", mutates_args=())
-def _attention_op(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale: float, n_rows: int,
+def _attention_impl(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale: float, n_rows: int,
                   allow_tf32: bool) -> Tuple[Tensor, Tensor, Tensor]:
     if not C.use_triton(q):
         return _eager_forward(q, k, v, bias, scale, n_rows)
@@ -82,14 +81,12 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale
                                     n_rows=n_rows, allow_tf32=allow_tf32)
 
 
-@_attention_op.register_fake
-def _(q, k, v, bias, scale, n_rows, allow_tf32):
+def _attention_fake(q, k, v, bias, scale, n_rows, allow_tf32):
     B, H, N, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((B * H, N), dtype=_acc_dtype(q)), q.new_empty((B, H, n_rows, N))
 
 
-@torch.library.custom_op(f"{_LIB}::attention_backward", mutates_args=())
-def _attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+def _attention_backward_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                            bias: Optional[Tensor], scale: float, allow_tf32: bool) -> Tuple[Tensor, Tensor, Tensor]:
     if not C.use_triton(q):
         return _eager_backward(dout, q, k, v, out, lse, bias, scale)
@@ -98,8 +95,7 @@ def _attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
                                     dq, dk, dv, scale=scale, bias=bias, allow_tf32=allow_tf32)
 
 
-@_attention_backward_op.register_fake
-def _(dout, q, k, v, out, lse, bias, scale, allow_tf32):
+def _attention_backward_fake(dout, q, k, v, out, lse, bias, scale, allow_tf32):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -119,11 +115,12 @@ def _setup_attention(ctx, inputs, output):
 def _attention_backward(ctx, dout, _dlse, _drows):
     q, k, v, out, lse, bias = ctx.saved_tensors
     bias = bias if ctx.has_bias else None
-    dq, dk, dv = torch.ops.fastvision.attention_backward(dout, q, k, v, out, lse, bias, ctx.scale, ctx.allow_tf32)
+    dq, dk, dv = call("attention_backward", dout, q, k, v, out, lse, bias, ctx.scale, ctx.allow_tf32)
     return dq, dk, dv, None, None, None, None
 
 
-_attention_op.register_autograd(_attention_backward, setup_context=_setup_attention)
+define("attention_backward", _attention_backward_impl, _attention_backward_fake)
+define("attention", _attention_impl, _attention_fake, setup_context=_setup_attention, backward=_attention_backward)
 
 
 # --- packed (B, N, 3, H, d) custom ops -----------------------------------------------------
@@ -133,8 +130,7 @@ def _unpack(qkv: Tensor):
     return tuple(qkv.select(2, i).transpose(1, 2) for i in range(3))
 
 
-@torch.library.custom_op(f"{_LIB}::attention_qkvpacked", mutates_args=())
-def _attention_packed_op(qkv: Tensor, bias: Optional[Tensor], scale: float, n_rows: int, allow_tf32: bool
+def _attention_qkvpacked_impl(qkv: Tensor, bias: Optional[Tensor], scale: float, n_rows: int, allow_tf32: bool
                          ) -> Tuple[Tensor, Tensor, Tensor]:
     if not C.use_triton(qkv):
         out, lse, rows = _eager_forward(*_unpack(qkv), bias, scale, n_rows)
@@ -145,14 +141,13 @@ def _attention_packed_op(qkv: Tensor, bias: Optional[Tensor], scale: float, n_ro
     return out.transpose(1, 2), lse, rows
 
 
-@_attention_packed_op.register_fake
-def _(qkv, bias, scale, n_rows, allow_tf32):
+def _attention_packed_fake(qkv, bias, scale, n_rows, allow_tf32):
     B, N, _, H, d = qkv.shape
-    return qkv.new_empty((B, N, H, d)), qkv.new_empty((B * H, N), dtype=_acc_dtype(qkv)), qkv.new_empty((B, H, n_rows, N))
+    lse = qkv.new_empty((B * H, N), dtype=_acc_dtype(qkv))
+    return qkv.new_empty((B, N, H, d)), lse, qkv.new_empty((B, H, n_rows, N))
 
 
-@torch.library.custom_op(f"{_LIB}::attention_qkvpacked_backward", mutates_args=())
-def _attention_packed_backward_op(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, bias: Optional[Tensor],
+def _attention_qkvpacked_backward_impl(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, bias: Optional[Tensor],
                                   scale: float, allow_tf32: bool) -> Tensor:
     dout_heads, out_heads = dout.transpose(1, 2), out.transpose(1, 2)
     if not C.use_triton(qkv):
@@ -164,8 +159,7 @@ def _attention_packed_backward_op(dout: Tensor, qkv: Tensor, out: Tensor, lse: T
     return dqkv
 
 
-@_attention_packed_backward_op.register_fake
-def _(dout, qkv, out, lse, bias, scale, allow_tf32):
+def _attention_packed_backward_fake(dout, qkv, out, lse, bias, scale, allow_tf32):
     return qkv.new_empty(qkv.shape)
 
 
@@ -180,11 +174,13 @@ def _setup_attention_packed(ctx, inputs, output):
 def _attention_packed_backward(ctx, dout, _dlse, _drows):
     qkv, out, lse, bias = ctx.saved_tensors
     bias = bias if ctx.has_bias else None
-    dqkv = torch.ops.fastvision.attention_qkvpacked_backward(dout, qkv, out, lse, bias, ctx.scale, ctx.allow_tf32)
+    dqkv = call("attention_qkvpacked_backward", dout, qkv, out, lse, bias, ctx.scale, ctx.allow_tf32)
     return dqkv, None, None, None, None
 
 
-_attention_packed_op.register_autograd(_attention_packed_backward, setup_context=_setup_attention_packed)
+define("attention_qkvpacked_backward", _attention_qkvpacked_backward_impl, _attention_packed_backward_fake)
+define("attention_qkvpacked", _attention_qkvpacked_impl, _attention_packed_fake, setup_context=_setup_attention_packed,
+       backward=_attention_packed_backward)
 
 
 # --- public API ----------------------------------------------------------------------------
@@ -280,7 +276,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
         out = _sdpa(q, k, v, bias, scale, dropout_p, is_causal)
         rows = _eager_rows(q, k, bias, scale, n_rows)
     else:
-        out, _, rows = torch.ops.fastvision.attention(q, k, v, bias, scale, n_rows, _allow_tf32())
+        out, _, rows = call("attention", q, k, v, bias, scale, n_rows, _allow_tf32())
     return (out, rows) if return_attn_rows else out
 
 
@@ -303,5 +299,5 @@ def attention_qkvpacked(qkv: Tensor, *, scale: Optional[float] = None, attn_bias
         out = _sdpa(q, k, v, bias, scale, dropout_p, False).transpose(1, 2)
         rows = _eager_rows(q, k, bias, scale, n_rows)
     else:
-        out, _, rows = torch.ops.fastvision.attention_qkvpacked(qkv, bias, scale, n_rows, _allow_tf32())
+        out, _, rows = call("attention_qkvpacked", qkv, bias, scale, n_rows, _allow_tf32())
     return (out, rows) if return_attn_rows else out

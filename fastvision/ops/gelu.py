@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _common as C
+from ._dispatch import call, define
 
 APPROXIMATIONS = ("none", "tanh")
 
@@ -14,27 +15,23 @@ def _kernels():
     return C.triton_kernels.gelu
 
 
-@torch.library.custom_op("fastvision::gelu", mutates_args=())
-def _gelu_op(x: Tensor, approximate: str) -> Tensor:
+def _gelu_impl(x: Tensor, approximate: str) -> Tensor:
     if not C.use_triton(x):
         return F.gelu(x, approximate=approximate)
     return _kernels().gelu_fwd(x.contiguous(), approximate == "tanh").view(x.shape)
 
 
-@_gelu_op.register_fake
-def _(x, approximate):
+def _gelu_fake(x, approximate):
     return x.new_empty(x.shape)
 
 
-@torch.library.custom_op("fastvision::gelu_backward", mutates_args=())
-def _gelu_backward_op(dy: Tensor, x: Tensor, approximate: str) -> Tensor:
+def _gelu_backward_impl(dy: Tensor, x: Tensor, approximate: str) -> Tensor:
     if not C.use_triton(x):
         return torch.ops.aten.gelu_backward(dy, x, approximate=approximate)
     return _kernels().gelu_bwd(dy.contiguous(), x.contiguous(), approximate == "tanh").view(x.shape)
 
 
-@_gelu_backward_op.register_fake
-def _(dy, x, approximate):
+def _gelu_backward_fake(dy, x, approximate):
     return x.new_empty(x.shape)
 
 
@@ -46,27 +43,25 @@ def _setup_gelu(ctx, inputs, output):
 
 def _gelu_backward(ctx, dy):
     (x,) = ctx.saved_tensors
-    return torch.ops.fastvision.gelu_backward(dy, x, ctx.approximate), None
+    return call("gelu_backward", dy, x, ctx.approximate), None
 
 
-_gelu_op.register_autograd(_gelu_backward, setup_context=_setup_gelu)
+define("gelu_backward", _gelu_backward_impl, _gelu_backward_fake)
+define("gelu", _gelu_impl, _gelu_fake, setup_context=_setup_gelu, backward=_gelu_backward)
 
 
-@torch.library.custom_op("fastvision::bias_gelu", mutates_args=())
-def _bias_gelu_op(x: Tensor, bias: Tensor, approximate: str) -> Tensor:
+def _bias_gelu_impl(x: Tensor, bias: Tensor, approximate: str) -> Tensor:
     if not C.use_triton(x):
         return F.gelu(x + bias, approximate=approximate)
     N = x.shape[-1]
     return _kernels().bias_gelu_fwd(C.as_rows(x, N), bias.contiguous(), approximate == "tanh").view(x.shape)
 
 
-@_bias_gelu_op.register_fake
-def _(x, bias, approximate):
+def _bias_gelu_fake(x, bias, approximate):
     return x.new_empty(x.shape)
 
 
-@torch.library.custom_op("fastvision::bias_gelu_backward", mutates_args=())
-def _bias_gelu_backward_op(dy: Tensor, x: Tensor, bias: Tensor, approximate: str) -> Tuple[Tensor, Tensor]:
+def _bias_gelu_backward_impl(dy: Tensor, x: Tensor, bias: Tensor, approximate: str) -> Tuple[Tensor, Tensor]:
     N = x.shape[-1]
     if not C.use_triton(x):
         dx = torch.ops.aten.gelu_backward(dy, x + bias, approximate=approximate).to(x.dtype)
@@ -75,8 +70,7 @@ def _bias_gelu_backward_op(dy: Tensor, x: Tensor, bias: Tensor, approximate: str
     return dx.view(x.shape), db
 
 
-@_bias_gelu_backward_op.register_fake
-def _(dy, x, bias, approximate):
+def _bias_gelu_backward_fake(dy, x, bias, approximate):
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     return x.new_empty(x.shape), x.new_empty(x.shape[-1], dtype=acc)
 
@@ -89,11 +83,13 @@ def _setup_bias_gelu(ctx, inputs, output):
 
 def _bias_gelu_backward(ctx, dy):
     x, bias = ctx.saved_tensors
-    dx, db = torch.ops.fastvision.bias_gelu_backward(dy, x, bias, ctx.approximate)
+    dx, db = call("bias_gelu_backward", dy, x, bias, ctx.approximate)
     return dx, db.to(bias.dtype), None
 
 
-_bias_gelu_op.register_autograd(_bias_gelu_backward, setup_context=_setup_bias_gelu)
+define("bias_gelu_backward", _bias_gelu_backward_impl, _bias_gelu_backward_fake)
+define("bias_gelu", _bias_gelu_impl, _bias_gelu_fake, setup_context=_setup_bias_gelu,
+       backward=_bias_gelu_backward)
 
 
 def _check_approximate(approximate: str) -> None:
@@ -113,7 +109,7 @@ def gelu(x: Tensor, approximate: str = "none") -> Tensor:
     _check_approximate(approximate)
     if gelu_decline(x) is not None:
         return F.gelu(x, approximate=approximate)
-    return torch.ops.fastvision.gelu(x, approximate)
+    return call("gelu", x, approximate)
 
 
 def bias_gelu(x: Tensor, bias: Tensor, approximate: str = "none") -> Tensor:
@@ -128,4 +124,4 @@ def bias_gelu(x: Tensor, bias: Tensor, approximate: str = "none") -> Tensor:
     dtype = torch.promote_types(x.dtype, bias.dtype)
     if gelu_decline(x, bias) is not None or x.dtype != dtype:
         return F.gelu(x + bias, approximate=approximate)
-    return torch.ops.fastvision.bias_gelu(x, bias, approximate)
+    return call("bias_gelu", x, bias, approximate)

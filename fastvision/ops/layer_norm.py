@@ -11,9 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _common as C
-
-_LIB = "fastvision"
-
+from ._dispatch import call, define
 
 def _kernels():
     return C.triton_kernels.layer_norm
@@ -23,7 +21,7 @@ def _stats_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _eager_forward(h: Tensor, weight, bias, eps):
+def _eager_forward(h: Tensor, weight, bias, eps, out_dtype=None):
     hf = h.to(_stats_dtype(h))
     mean = hf.mean(-1)
     rstd = torch.rsqrt((hf - mean[..., None]).pow(2).mean(-1) + eps)
@@ -32,45 +30,42 @@ def _eager_forward(h: Tensor, weight, bias, eps):
         y = y * weight
     if bias is not None:
         y = y + bias
-    return y.to(h.dtype), mean, rstd
+    return y.to(out_dtype or h.dtype), mean, rstd
 
 
-@torch.library.custom_op(f"{_LIB}::layer_norm", mutates_args=())
-def _layer_norm_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
-                   ) -> Tuple[Tensor, Tensor, Tensor]:
+def _layer_norm_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                     out_dtype: Optional[torch.dtype]) -> Tuple[Tensor, Tensor, Tensor]:
     N = x.shape[-1]
     if not C.use_triton(x):
-        return _eager_forward(x, weight, bias, eps)
-    y, _, mean, rstd = _kernels().layer_norm_fwd(C.as_rows(x, N), weight, bias, eps)
+        return _eager_forward(x, weight, bias, eps, out_dtype)
+    y, _, mean, rstd = _kernels().layer_norm_fwd(C.as_rows(x, N), weight, bias, eps, out_dtype=out_dtype)
     return y.view(x.shape), mean.view(x.shape[:-1]), rstd.view(x.shape[:-1])
 
 
-@_layer_norm_op.register_fake
-def _(x, weight, bias, eps):
+def _layer_norm_fake(x, weight, bias, eps, out_dtype):
     stats = x.new_empty(x.shape[:-1], dtype=_stats_dtype(x))
-    return x.new_empty(x.shape), stats, stats.new_empty(stats.shape)
+    return x.new_empty(x.shape, dtype=out_dtype or x.dtype), stats, stats.new_empty(stats.shape)
 
 
-@torch.library.custom_op(f"{_LIB}::add_layer_norm", mutates_args=())
-def _add_layer_norm_op(x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
-                       ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def _add_layer_norm_impl(x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                         out_dtype: Optional[torch.dtype]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     N = x.shape[-1]
     if not C.use_triton(x):
         h = x + residual
-        y, mean, rstd = _eager_forward(h, weight, bias, eps)
+        y, mean, rstd = _eager_forward(h, weight, bias, eps, out_dtype)
         return y, h, mean, rstd
-    y, h, mean, rstd = _kernels().layer_norm_fwd(C.as_rows(x, N), weight, bias, eps, residual=C.as_rows(residual, N))
+    y, h, mean, rstd = _kernels().layer_norm_fwd(C.as_rows(x, N), weight, bias, eps, residual=C.as_rows(residual, N),
+                                                 out_dtype=out_dtype)
     return y.view(x.shape), h.view(x.shape), mean.view(x.shape[:-1]), rstd.view(x.shape[:-1])
 
 
-@_add_layer_norm_op.register_fake
-def _(x, residual, weight, bias, eps):
-    stats = x.new_empty(x.shape[:-1], dtype=_stats_dtype(x))
-    return x.new_empty(x.shape), x.new_empty(x.shape), stats, stats.new_empty(stats.shape)
+def _add_layer_norm_fake(x, residual, weight, bias, eps, out_dtype):
+    h = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, residual.dtype))
+    stats = x.new_empty(x.shape[:-1], dtype=_stats_dtype(h))
+    return h.new_empty(h.shape, dtype=out_dtype or h.dtype), h, stats, stats.new_empty(stats.shape)
 
 
-@torch.library.custom_op(f"{_LIB}::layer_norm_backward", mutates_args=())
-def _layer_norm_backward_op(dy: Tensor, h: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
+def _layer_norm_backward_impl(dy: Tensor, h: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
                             skip_grad: Optional[Tensor], needs_weight_grad: bool
                             ) -> Tuple[Tensor, Tensor, Tensor]:
     N = h.shape[-1]
@@ -82,8 +77,7 @@ def _layer_norm_backward_op(dy: Tensor, h: Tensor, weight: Optional[Tensor], mea
     return dx.view(h.shape), C.empty_if_none(dw, h), C.empty_if_none(db, h)
 
 
-@_layer_norm_backward_op.register_fake
-def _(dy, h, weight, mean, rstd, skip_grad, needs_weight_grad):
+def _layer_norm_backward_fake(dy, h, weight, mean, rstd, skip_grad, needs_weight_grad):
     n = h.shape[-1] if needs_weight_grad else 0
     acc = _stats_dtype(h)
     return h.new_empty(h.shape), h.new_empty(n, dtype=acc), h.new_empty(n, dtype=acc)
@@ -115,7 +109,7 @@ def _needs_weight_grad(ctx) -> bool:
 
 
 def _setup_layer_norm(ctx, inputs, output):
-    x, weight, bias, _ = inputs
+    x, weight, bias, _, _ = inputs
     _, mean, rstd = output
     ctx.weight_index = 1
     ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
@@ -127,17 +121,20 @@ def _layer_norm_backward(ctx, dy, _dmean, _drstd):
     x, weight, bias, mean, rstd = ctx.saved_tensors
     weight = weight if ctx.has_weight else None
     bias = bias if ctx.has_bias else None
-    dx, dw, db = torch.ops.fastvision.layer_norm_backward(dy, x, weight, mean, rstd, None, _needs_weight_grad(ctx))
+    dx, dw, db = call("layer_norm_backward", dy, x, weight, mean, rstd, None, _needs_weight_grad(ctx))
     dw, db = _weight_grads(ctx, dw, db, weight, bias)
-    return dx, dw, db, None
+    return dx, dw, db, None, None
 
 
-_layer_norm_op.register_autograd(_layer_norm_backward, setup_context=_setup_layer_norm)
+define("layer_norm_backward", _layer_norm_backward_impl, _layer_norm_backward_fake)
+define("layer_norm", _layer_norm_impl, _layer_norm_fake, setup_context=_setup_layer_norm,
+       backward=_layer_norm_backward)
 
 
 def _setup_add_layer_norm(ctx, inputs, output):
-    _, _, weight, bias, _ = inputs
+    x, residual, weight, bias, _, _ = inputs
     _, h, mean, rstd = output
+    ctx.input_dtypes = (x.dtype, residual.dtype)
     ctx.weight_index = 2
     ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
     ctx.save_for_backward(h, weight, bias, mean, rstd)
@@ -150,12 +147,14 @@ def _add_layer_norm_backward(ctx, dy, dh, _dmean, _drstd):
     bias = bias if ctx.has_bias else None
     if dy is None:
         dy = torch.zeros_like(h)
-    dx, dw, db = torch.ops.fastvision.layer_norm_backward(dy, h, weight, mean, rstd, dh, _needs_weight_grad(ctx))
+    dx, dw, db = call("layer_norm_backward", dy, h, weight, mean, rstd, dh, _needs_weight_grad(ctx))
     dw, db = _weight_grads(ctx, dw, db, weight, bias)
-    return dx, dx, dw, db, None
+    x_dtype, residual_dtype = ctx.input_dtypes
+    return dx.to(x_dtype), dx.to(residual_dtype), dw, db, None, None
 
 
-_add_layer_norm_op.register_autograd(_add_layer_norm_backward, setup_context=_setup_add_layer_norm)
+define("add_layer_norm", _add_layer_norm_impl, _add_layer_norm_fake, setup_context=_setup_add_layer_norm,
+       backward=_add_layer_norm_backward)
 
 
 def _normalized_size(normalized_shape) -> Tuple[int, ...]:
@@ -197,32 +196,42 @@ def _last_dim_view(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], 
 
 
 def layer_norm(x: Tensor, normalized_shape, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
-               eps: float = 1e-5) -> Tensor:
-    """Drop-in for F.layer_norm: the fused kernel where supported, else F.layer_norm itself."""
+               eps: float = 1e-5, *, out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """Drop-in for F.layer_norm: the fused kernel where supported, else F.layer_norm itself.
+
+    Statistics are float32 (float64 for float64 input) whatever the input dtype. Under CUDA
+    autocast the result is float32, as eager autocast gives, but a low-precision input is
+    read as it is instead of being copied to float32 first. ``out_dtype`` overrides the
+    output dtype (e.g. the autocast dtype when the consumer is a Linear that casts anyway).
+    """
     shape = _validate(x, normalized_shape, weight, bias)
-    x, weight, bias = C.autocast_cast(C.autocast_dtype_for(x.device.type, "fp32"), x, weight, bias)
+    autocast_dtype = C.autocast_dtype_for(x.device.type, "fp32")
+    weight, bias = C.autocast_cast(autocast_dtype, weight, bias)
+    out_dtype = out_dtype or autocast_dtype
     if layer_norm_decline(x, weight, bias) is not None:
-        return F.layer_norm(x, shape, weight, bias, eps)
+        y = F.layer_norm(x, shape, weight, bias, eps)
+        return y if out_dtype is None else y.to(out_dtype)
     flat, w, b = _last_dim_view(x, weight, bias, shape)
-    return torch.ops.fastvision.layer_norm(flat, w, b, float(eps))[0].view(x.shape)
+    y = call("layer_norm", flat, w, b, float(eps), out_dtype)[0]
+    return y if flat is x else y.view(x.shape)
 
 
 def add_layer_norm(x: Tensor, residual: Tensor, normalized_shape, weight: Optional[Tensor] = None,
-                   bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tuple[Tensor, Tensor]:
+                   bias: Optional[Tensor] = None, eps: float = 1e-5, *, out_dtype: Optional[torch.dtype] = None
+                   ) -> Tuple[Tensor, Tensor]:
     """(F.layer_norm(x + residual), x + residual), fused into one pass where supported.
 
-    Mixed input dtypes promote as ``x + residual`` does; under CUDA autocast the sum
-    is normalised in float32, as eager autocast runs layer_norm.
+    The sum has the dtype ``x + residual`` promotes to (the kernel reads both as they are);
+    under CUDA autocast the normalised output is float32, as eager autocast gives, unless
+    ``out_dtype`` says otherwise.
     """
     shape = _validate(x, normalized_shape, weight, bias, residual)
-    dtype = torch.promote_types(x.dtype, residual.dtype)
-    x, residual = x.to(dtype), residual.to(dtype)
     autocast_dtype = C.autocast_dtype_for(x.device.type, "fp32")
     weight, bias = C.autocast_cast(autocast_dtype, weight, bias)
-    fusable = autocast_dtype in (None, dtype) and layer_norm_decline(x, weight, bias) is None
-    if not fusable:
+    out_dtype = out_dtype or autocast_dtype
+    if layer_norm_decline(x, weight, bias) is not None or C.dtype_decline(residual) is not None:
         h = x + residual
-        return layer_norm(h, shape, weight, bias, eps), h
+        return layer_norm(h, shape, weight, bias, eps, out_dtype=out_dtype), h
     flat, w, b = _last_dim_view(x, weight, bias, shape)
-    y, h, _, _ = torch.ops.fastvision.add_layer_norm(flat, residual.reshape(flat.shape), w, b, float(eps))
+    y, h, _, _ = call("add_layer_norm", flat, residual.reshape(flat.shape), w, b, float(eps), out_dtype)
     return y.view(x.shape), h.view(x.shape)

@@ -5,30 +5,27 @@ import torch
 from torch import Tensor
 
 from . import _common as C
+from ._dispatch import call, define
 
 
-@torch.library.custom_op("fastvision::softmax", mutates_args=())
-def _softmax_op(x: Tensor) -> Tensor:
+def _softmax_impl(x: Tensor) -> Tensor:
     if not C.use_triton(x):
         return torch.softmax(x, dim=-1)
     return C.triton_kernels.softmax.softmax_fwd(C.as_rows(x, x.shape[-1])).view(x.shape)
 
 
-@_softmax_op.register_fake
-def _(x):
+def _softmax_fake(x):
     return x.new_empty(x.shape)
 
 
-@torch.library.custom_op("fastvision::softmax_backward", mutates_args=())
-def _softmax_backward_op(dy: Tensor, y: Tensor) -> Tensor:
+def _softmax_backward_impl(dy: Tensor, y: Tensor) -> Tensor:
     if not C.use_triton(y):
         return y * (dy - (dy * y).sum(-1, keepdim=True))
     N = y.shape[-1]
     return C.triton_kernels.softmax.softmax_bwd(C.as_rows(dy, N), C.as_rows(y, N)).view(y.shape)
 
 
-@_softmax_backward_op.register_fake
-def _(dy, y):
+def _softmax_backward_fake(dy, y):
     return y.new_empty(y.shape)
 
 
@@ -38,10 +35,11 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, dy):
     (y,) = ctx.saved_tensors
-    return torch.ops.fastvision.softmax_backward(dy, y)
+    return call("softmax_backward", dy, y)
 
 
-_softmax_op.register_autograd(_backward, setup_context=_setup)
+define("softmax_backward", _softmax_backward_impl, _softmax_backward_fake)
+define("softmax", _softmax_impl, _softmax_fake, setup_context=_setup, backward=_backward)
 
 
 def softmax_decline(x: Tensor) -> Optional[str]:
@@ -63,6 +61,6 @@ def softmax(x: Tensor, dim: int = -1) -> Tensor:
         return torch.softmax(x, dim)
     dim = dim % x.dim()
     if dim == x.dim() - 1:
-        return torch.ops.fastvision.softmax(x)
+        return call("softmax", x)
     # The kernel reduces over the last dimension: move dim there and back.
-    return torch.ops.fastvision.softmax(x.movedim(dim, -1)).movedim(-1, dim)
+    return call("softmax", x.movedim(dim, -1)).movedim(-1, dim)

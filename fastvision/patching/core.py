@@ -53,13 +53,24 @@ def _type_name(module: nn.Module) -> str:
     return f"{type(module).__module__}.{type(module).__qualname__}"
 
 
+def _take_mode(replacement: nn.Module, original: nn.Module) -> None:
+    """Give ``replacement`` the original's train/eval mode; submodules the two share keep their own
+    (a model in train() with frozen, eval-mode BatchNorms stays that way)."""
+    modes = {id(m): m.training for m in original.modules()}
+    replacement.train(original.training)
+    for m in replacement.modules():
+        if id(m) in modes:
+            m.training = modes[id(m)]
+
+
 def is_replacement(module: nn.Module) -> bool:
     return _ORIGINAL in module.__dict__
 
 
-def _first_rule(module: nn.Module, rules: Sequence[Rule], options: Dict[str, bool]) -> Optional[Rule]:
+def _first_rule(module: nn.Module, rules: Sequence[Rule], options: Dict[str, bool], slots: bool = False
+                ) -> Optional[Rule]:
     for rule in rules:
-        if options.get(rule.option, True) and rule.matches(module):
+        if getattr(rule, "slots", False) == slots and options.get(rule.option, True) and rule.matches(module):
             return rule
     return None
 
@@ -71,7 +82,27 @@ def _patch_children(parent: nn.Module, prefix: str, rules, options, report: Patc
             rule = _first_rule(child, rules, options)
             if rule is not None:
                 child = _apply_rule(parent, name, path, child, rule, options, report)
+        _patch_slots(child, path, rules, options, report)
         _patch_children(child, path, rules, options, report)
+
+
+def _patch_slots(module: nn.Module, prefix: str, rules, options, report: PatchReport) -> None:
+    """Apply a slots rule: replace some children of ``module`` together (the module itself stays)."""
+    rule = _first_rule(module, rules, options, slots=True)
+    if rule is None:
+        return
+    built = rule.build(module, options)
+    if isinstance(built, str):
+        report.skipped.append(Skipped(prefix, _type_name(module), built))
+        return
+    for name, replacement in built.items():
+        original = getattr(module, name)
+        path = f"{prefix}.{name}" if prefix else name
+        object.__setattr__(replacement, _ORIGINAL, original)
+        object.__setattr__(replacement, _RULE, rule.name)
+        _take_mode(replacement, original)
+        setattr(module, name, replacement)
+        report.replaced.append(Replaced(path, rule.name, _type_name(original), _type_name(replacement)))
 
 
 def _apply_rule(parent, name, path, module, rule: Rule, options, report: PatchReport) -> nn.Module:
@@ -81,7 +112,7 @@ def _apply_rule(parent, name, path, module, rule: Rule, options, report: PatchRe
         return module
     object.__setattr__(built, _ORIGINAL, module)
     object.__setattr__(built, _RULE, rule.name)
-    built.train(module.training)
+    _take_mode(built, module)
     setattr(parent, name, built)
     report.replaced.append(Replaced(path, rule.name, _type_name(module), _type_name(built)))
     return built
@@ -99,6 +130,7 @@ def patch_model(model: nn.Module, rules: Sequence[Rule], options: Dict[str, bool
     report = PatchReport(options=dict(options))
     if previous is not None:
         report.replaced.extend(previous.replaced)
+    _patch_slots(model, "", rules, options, report)
     _patch_children(model, "", rules, options, report)
     object.__setattr__(model, _REPORT, report)
     return model
@@ -115,7 +147,7 @@ def _unpatch_children(parent: nn.Module) -> None:
     for name, child in list(parent.named_children()):
         while is_replacement(child):
             original = child.__dict__[_ORIGINAL]
-            original.train(child.training)
+            _take_mode(original, child)
             setattr(parent, name, original)
             child = original
         _unpatch_children(child)

@@ -20,3 +20,6 @@ class Rule:
     option: str                                   # the patch() keyword that switches it on/off
     matches: Callable[[nn.Module], bool]          # structural test on one module
     build: Callable[[nn.Module, dict], BuildResult]  # (module, patch options) -> replacement or reason
+    # slots=True: the matched module stays and build returns {child name: replacement} for some of its
+    # children (e.g. a ResNet stem's conv1/bn1/act1), or a reason string. Root modules are matched too.
+    slots: bool = False

@@ -1,0 +1,1 @@
+"""fastvision benchmarks: `python -m benchmarks.micro`, `python -m benchmarks.models`, `benchmarks/gpu_suite.sh`."""

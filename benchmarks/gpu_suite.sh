@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# The GPU suite: build fastvision, run the GPU tests and the quick benchmarks, write everything to OUTDIR.
+#
+#   bash benchmarks/gpu_suite.sh OUTDIR
+#
+# Files (8 with every step): env.txt, build.log, gpu_tests.log, gpu_tests.xml, bench.log,
+# micro/micro.json, micro/micro.png, models/models.json (plus resnet.json, dino_step.json when those
+# benchmarks exist). Every step runs under `timeout` and a failing step does not stop the next.
+#
+# Environment:
+#   SUITE_STEPS       comma-separated steps to run (default env,build,tests,micro,models,hooks),
+#                     e.g. SUITE_STEPS=env,build,tests,micro then SUITE_STEPS=build,models,hooks
+#   GPU_TEST_SECONDS  time limit of the GPU test run (default 150)
+#   MICRO_SECONDS     --max-seconds of the micro benchmark (default 120)
+#   MODELS_SECONDS    --max-seconds of the model benchmark (default 170)
+#   PYTHON            interpreter (default: python3, else python)
+set -u
+
+OUT="${1:?usage: bash benchmarks/gpu_suite.sh OUTDIR}"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+cd "$(dirname "$0")/.."
+
+PY="${PYTHON:-$(command -v python3 || command -v python)}"
+STEPS=",${SUITE_STEPS:-env,build,tests,micro,models,hooks},"
+GPU_TEST_SECONDS="${GPU_TEST_SECONDS:-150}"
+MICRO_SECONDS="${MICRO_SECONDS:-120}"
+MODELS_SECONDS="${MODELS_SECONDS:-170}"
+export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+export FASTVISION_COMMIT="${FASTVISION_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
+
+SUMMARY=()
+SUITE_START=$(date +%s)
+
+wants() { [[ "$STEPS" == *",$1,"* ]]; }
+
+record() {  # record STEP RC SECONDS [NOTE]
+  local state="ok"
+  [ "$2" -eq 124 ] && state="TIMEOUT"
+  [ "$2" -ne 0 ] && [ "$2" -ne 124 ] && state="FAILED (rc $2)"
+  SUMMARY+=("$(printf '%-13s %-14s %4ss  %s' "$1" "$state" "$3" "${4:-}")")
+}
+
+run_step() {  # run_step NAME LIMIT_SECONDS LOGFILE COMMAND...
+  local name="$1" limit="$2" log="$3"; shift 3
+  local start rc
+  start=$(date +%s)
+  echo "== $name (limit ${limit}s): $*" | tee -a "$log"
+  timeout --kill-after=15 "$limit" "$@" >>"$log" 2>&1
+  rc=$?
+  record "$name" "$rc" "$(( $(date +%s) - start ))" "$(basename "$log")"
+  return "$rc"
+}
+
+if wants env; then
+  {
+    echo "date: $(date -u +%FT%TZ)"
+    echo "commit: $FASTVISION_COMMIT"
+    timeout 30 nvidia-smi || echo "nvidia-smi failed"
+    timeout 30 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,clocks.max.sm,power.draw,temperature.gpu --format=csv
+    "$PY" - <<'PY'
+import importlib, platform, torch
+print("python", platform.python_version())
+print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("device", p.name, f"sm_{p.major}{p.minor}", p.multi_processor_count, "SMs",
+          round(p.total_memory / 2**30, 1), "GiB", "L2", getattr(p, "L2_cache_size", "?"))
+for name in ("triton", "timm", "torchvision", "matplotlib", "tqdm", "pytest", "pytest_timeout"):
+    try:
+        print(name, getattr(importlib.import_module(name), "__version__", "present"))
+    except Exception as exc:
+        print(name, "MISSING", type(exc).__name__)
+PY
+    command -v nvcc >/dev/null && nvcc --version | tail -2
+  } >"$OUT/env.txt" 2>&1
+  record env 0 0 env.txt
+fi
+
+if wants build; then
+  export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
+  export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
+  if ! run_step build 300 "$OUT/build.log" "$PY" -m pip install -e . --no-deps --no-build-isolation; then
+    FASTVISION_SKIP_EXTENSION=1 run_step build-py 180 "$OUT/build.log" \
+      "$PY" -m pip install -e . --no-deps --no-build-isolation
+  fi
+  "$PY" -c "import fastvision, fastvision.ops; print('fastvision', fastvision.__version__, 'imports')" \
+    >>"$OUT/build.log" 2>&1
+fi
+
+if wants tests; then
+  per_test=()
+  "$PY" -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 120)
+  run_step tests "$GPU_TEST_SECONDS" "$OUT/gpu_tests.log" \
+    "$PY" -m pytest tests -m gpu -q -x -p no:cacheprovider "${per_test[@]}" --junitxml "$OUT/gpu_tests.xml"
+  tail -3 "$OUT/gpu_tests.log" | sed 's/^/   tests: /'
+fi
+
+if wants micro; then
+  run_step micro $(( MICRO_SECONDS + 90 )) "$OUT/bench.log" \
+    "$PY" -m benchmarks.micro --quick --out "$OUT/micro" --max-seconds "$MICRO_SECONDS"
+fi
+
+if wants models; then
+  run_step models $(( MODELS_SECONDS + 60 )) "$OUT/bench.log" \
+    "$PY" -m benchmarks.models --quick --out "$OUT/models" --max-seconds "$MODELS_SECONDS"
+fi
+
+if wants hooks; then
+  for hook in resnet_bench dino_step; do
+    if [ -f "benchmarks/$hook.py" ]; then
+      out_name="$hook"; [ "$hook" = resnet_bench ] && out_name=resnet
+      run_step "$hook" 240 "$OUT/bench.log" "$PY" -m "benchmarks.$hook" --quick --out "$OUT/$out_name.json"
+    fi
+  done
+fi
+
+echo
+echo "== summary ($(( $(date +%s) - SUITE_START ))s, outputs in $OUT)"
+printf '%s\n' "${SUMMARY[@]}"
+"$PY" -m benchmarks.summary "$OUT" 2>&1 | cut -c1-220

@@ -1,0 +1,150 @@
+"""The benchmark scripts in --smoke mode (CPU, tiny shapes): arguments, correctness guard, JSON, plots."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:  # benchmarks/ is not installed: import it from the checkout
+    sys.path.insert(0, REPO)
+
+from benchmarks import common, micro, models, summary  # noqa: E402
+
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+
+
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("micro")
+    payload = micro.main(["--smoke", "--out", str(out)])
+    return out, payload
+
+
+def test_micro_smoke_writes_json_with_environment_and_ceilings(micro_run):
+    out, payload = micro_run
+    data = json.loads((out / "micro.json").read_text())
+    assert data["benchmark"] == "micro"
+    for key in ("device_name", "torch", "triton", "cuda", "cudnn", "timm", "git_commit"):
+        assert key in data["env"]
+    assert data["ceilings"]["copy_gbps"] > 0 and data["ceilings"]["matmul_tflops"] > 0
+    ops = {r["op"] for r in data["results"]}
+    assert ops == set(micro.OPS)
+    assert {r["mode"] for r in data["results"]} == {"fwd", "fwd+bwd"}
+
+
+def test_micro_smoke_checks_then_times_every_memory_bound_op(micro_run):
+    _, payload = micro_run
+    for r in payload["results"]:
+        if r["op"].startswith("attention"):
+            continue
+        assert r["status"] == "ok", r
+        assert r["correctness"]["passed"] and r["correctness"]["rel_err"] <= common.tolerance(torch.float32)
+        ours, eager = r["timings"]["fastvision"], r["timings"]["eager"]
+        assert ours["ms"] > 0 and eager["ms"] > 0 and ours["gbps"] > 0
+        assert r["best_baseline"] == "eager"
+        assert r["speedup_vs_best"] == pytest.approx(eager["ms"] / ours["ms"])
+        n_main = 1
+        for s in r["params"]["shape"]:
+            n_main *= s
+        per_element = {"fwd": 1, "fwd+bwd": 2.5}[r["mode"]] * (2 if r["op"] != "add_layer_norm" else 4)
+        if r["op"] == "add_layer_norm" and r["mode"] == "fwd+bwd":
+            per_element = 8
+        assert r["work"] == pytest.approx(per_element * n_main * 4)
+
+
+def test_micro_smoke_attention_is_timed_or_reported_missing(micro_run):
+    _, payload = micro_run
+    attention = [r for r in payload["results"] if r["op"] == "attention"]
+    assert sorted({r["params"]["N"] for r in attention}) == [5, 17]  # 32 px / patch 16 and 8, plus CLS
+    for r in attention:
+        ours = r["timings"]["fastvision"]
+        if ours["status"] == "error":  # op not written yet: an error entry, baselines still timed
+            assert "unavailable" in ours["error"]
+        else:
+            assert r["correctness"]["passed"], r["correctness"]
+        assert r["timings"]["eager"]["status"] == "ok"
+        flops = 4 * 2 * 2 * r["params"]["N"] ** 2 * 16 * (3.5 if r["mode"] == "fwd+bwd" else 1)
+        assert r["work"] == pytest.approx(flops)
+
+
+@pytest.mark.skipif(not HAS_MATPLOTLIB, reason="matplotlib not installed")
+def test_micro_smoke_plot(micro_run):
+    out, payload = micro_run
+    assert payload["plot"] == "micro.png"
+    assert (out / "micro.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_micro_correctness_guard_refuses_to_time_a_wrong_kernel(tmp_path, monkeypatch):
+    import fastvision.ops
+    monkeypatch.setattr(fastvision.ops, "gelu", lambda x, approximate="none": torch.nn.functional.gelu(x) * 1.01)
+    payload = micro.main(["--smoke", "--ops", "gelu", "--out", str(tmp_path)])
+    assert payload["results"] and all(r["status"] == "failed_correctness" for r in payload["results"])
+    for r in payload["results"]:
+        assert r["correctness"]["rel_err"] == pytest.approx(0.01, rel=0.05)
+        assert "ms" not in r["timings"]["fastvision"] and "eager" not in r["timings"]
+
+
+def test_micro_time_budget_skips_remaining_cases(tmp_path):
+    payload = micro.main(["--smoke", "--ops", "softmax", "--max-seconds", "0", "--out", str(tmp_path)])
+    assert payload["results"] and all(r["status"] == "skipped" for r in payload["results"])
+
+
+def test_micro_sequence_lengths_follow_image_and_patch_sizes():
+    lengths = micro.sequence_lengths(quick=False, smoke=False, registers=0)
+    assert lengths[197] == ["224/16"] and lengths[785] == ["224/8"] and lengths[3137] == ["224/4"]
+    assert lengths[37] == ["96/14", "96/16"]  # 96 // 14 = 6 patches a side, as 96 // 16
+    assert set(micro.sequence_lengths(quick=False, smoke=False, registers=4)) == {n + 4 for n in lengths}
+
+
+def test_micro_rejects_unknown_ops(tmp_path):
+    with pytest.raises(SystemExit):
+        micro.parse_args(["--smoke", "--ops", "layer_norm,nope", "--out", str(tmp_path)])
+
+
+def test_models_smoke(tmp_path):
+    payload = models.main(["--smoke", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "models.json").read_text())
+    assert data["env"]["torch"] == torch.__version__
+    runs = {(r["task"], r["variant"]): r for r in data["results"]}
+    assert set(runs) == {(t, v) for t in models.TASKS for v in ("eager", "patch")}
+    for r in runs.values():
+        assert r["status"] == "ok", r
+        assert r["img_per_s"] > 0 and r["first_step_s"] > 0 and r["model"] == models.SMOKE_MODEL
+        assert r["speedup_vs_eager"] == pytest.approx(r["img_per_s"] / runs[(r["task"], "eager")]["img_per_s"])
+    assert runs[("infer", "patch")]["patched_modules"] > 0
+    assert runs[("infer", "patch")]["logits_rel_err_vs_eager"] < 1e-4  # float32 on CPU, same weights
+    assert payload["results"] == data["results"]
+
+
+def test_models_one_failing_variant_does_not_stop_the_run(tmp_path, monkeypatch):
+    def broken(model, variant, task):
+        raise RuntimeError("planted failure")
+    monkeypatch.setattr(models, "prepare", broken)
+    payload = models.main(["--smoke", "--tasks", "infer", "--out", str(tmp_path)])
+    assert [r["status"] for r in payload["results"]] == ["error", "error"]
+    assert "planted failure" in payload["results"][0]["error"]
+
+
+def test_summary_reads_both_results(micro_run, tmp_path, capsys):
+    out, _ = micro_run
+    (tmp_path / "micro").mkdir()
+    (tmp_path / "micro" / "micro.json").write_text((out / "micro.json").read_text())
+    summary.main([str(tmp_path)])
+    text = capsys.readouterr().out
+    assert "layer_norm" in text and "speedup vs best" in text
+
+
+def test_table_and_json_helpers(tmp_path, capsys):
+    text = common.print_table([{"a": 1.23456, "b": None}, {"a": float("nan"), "b": "x"}], ["a", "b"])
+    assert "1.23" in text and "nan" in text and "-" in text
+    path = common.write_json(str(tmp_path / "sub" / "r.json"), {"v": float("inf"), "d": torch.float16})
+    assert json.loads(open(path).read()) == {"v": "inf", "d": "torch.float16"}
+
+
+def test_gpu_suite_script_parses():
+    script = os.path.join(REPO, "benchmarks", "gpu_suite.sh")
+    assert subprocess.run(["bash", "-n", script]).returncode == 0

@@ -1,0 +1,214 @@
+"""fastvision.patch on timm / torchvision ResNets: outputs, training semantics, checkpoints, unpatch."""
+import copy
+import io
+
+import pytest
+import torch
+
+import fastvision
+from fastvision import _extension
+from fastvision.modules.conv import FoldedBatchNorm2d
+from fastvision.modules.resnet import FusedResNetBlock
+from fastvision.testing import assert_close
+
+timm = pytest.importorskip("timm")
+needs_extension = pytest.mark.skipif(_extension.load() is None, reason="fastvision._C is not built")
+MODELS = ("resnet18", "resnet50", "resnet50d")
+
+
+def randomize_bn(model):
+    """Non-trivial BN statistics and affine (timm zero-inits the last BN of each block)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_(1.0, 0.2)
+                m.bias.normal_(0, 0.2)
+    return model
+
+
+def make(name, num_classes=10):
+    torch.manual_seed(0)
+    return randomize_bn(timm.create_model(name, pretrained=False, num_classes=num_classes))
+
+
+def images(batch=2, size=64):
+    return torch.randn(batch, 3, size, size)
+
+
+@needs_extension
+@pytest.mark.parametrize("fmt", ("nchw", "nhwc"))
+@pytest.mark.parametrize("name", MODELS)
+def test_patched_eval_matches_float64(name, fmt):
+    model = make(name).eval()
+    x = images()
+    if fmt == "nhwc":
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = copy.deepcopy(model).double()(x.double())
+        patched = fastvision.patch(copy.deepcopy(model))
+        assert patched.layer1[0].why_not(torch.randn(2, 64, 16, 16)) is None
+        assert patched.conv1.why_not(x) is None if name != "resnet50d" else True
+        out = patched(x)
+    counts = fastvision.patch_report(patched).counts()
+    assert counts["resnet.block"] == sum(len(getattr(model, f"layer{i}")) for i in range(1, 5))
+    assert counts["resnet.stem"] >= 2 and counts["resnet.sequential"] >= 3
+    assert_close(out, ref, torch.float32)
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
+def test_patched_resnet50_low_precision_no_worse_than_eager(dtype):
+    from fastvision.testing import relative_error
+    model = make("resnet50").eval()
+    x = images()
+    with torch.no_grad():
+        ref = copy.deepcopy(model).double()(x.double())
+        eager = copy.deepcopy(model).to(dtype)(x.to(dtype))
+        out = fastvision.patch(copy.deepcopy(model).to(dtype))(x.to(dtype))
+    assert out.dtype == dtype
+    assert relative_error(out, ref) <= max(2 * relative_error(eager, ref), 5e-2)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_train_step_identical_to_eager(name):
+    model = make(name).train()
+    patched = fastvision.patch(copy.deepcopy(model))
+    x, target = images(3), torch.randint(0, 10, (3,))
+    outs = []
+    for m in (model, patched):
+        opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+        torch.manual_seed(1)
+        out = m(x)
+        torch.nn.functional.cross_entropy(out, target).backward()
+        opt.step()
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+    ref_state, state = model.state_dict(), patched.state_dict()
+    assert list(ref_state) == list(state)
+    for k in ref_state:  # weights after the step and running statistics: identical
+        assert torch.equal(ref_state[k], state[k]), k
+    model.eval(), patched.eval()
+    with torch.no_grad():
+        assert_close(patched(x), model.double()(x.double()), torch.float32)
+
+
+@needs_extension
+def test_frozen_bn_training_gradients_match_float64():
+    model = make("resnet18").train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.eval()  # frozen statistics, trainable affine (detection-style fine-tuning)
+    patched = fastvision.patch(copy.deepcopy(model))
+    ref = copy.deepcopy(model).double()
+    x = images(2)
+    out = patched(x)
+    ref_out = ref(x.double())
+    assert_close(out, ref_out, torch.float32)
+    out.square().sum().backward()
+    ref_out.square().sum().backward()
+    ref_grads = dict(ref.named_parameters())
+    for n, p in patched.named_parameters():
+        assert_close(p.grad, ref_grads[n].grad, torch.float32, name=f"grad of {n}", tol=1e-4)
+
+
+def test_state_dict_keys_identical_and_round_trip_both_ways():
+    eager = make("resnet50d").eval()
+    keys = list(eager.state_dict())
+    patched = fastvision.patch(copy.deepcopy(eager))
+    assert list(patched.state_dict()) == keys
+    buffer = io.BytesIO()
+    torch.save(patched.state_dict(), buffer)
+    fresh = make("resnet50d")
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.add_(1.0)
+    fresh.load_state_dict(torch.load(io.BytesIO(buffer.getvalue())))
+    for k, v in eager.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k
+    target = fastvision.patch(make("resnet50d")).eval()
+    with torch.no_grad():
+        target(images(1))  # fill the folded-weight caches before loading
+        for p in target.parameters():
+            p.mul_(0.0)
+    target.load_state_dict(eager.state_dict())
+    for k, v in eager.state_dict().items():
+        assert torch.equal(target.state_dict()[k], v), k
+    x = images(1)
+    with torch.no_grad():
+        assert_close(target(x), eager(x), torch.float32)  # caches were refolded
+    # the stem slots share the original modules' tensors, also after .to()
+    target.to(torch.float64)
+    original_bn = target.bn1.__dict__["_fastvision_original"]
+    assert original_bn.running_mean.dtype == torch.float64 and original_bn.running_mean is target.bn1.running_mean
+
+
+def test_unpatch_restores_originals_and_patch_is_idempotent():
+    model = make("resnet50d")
+    originals = dict(model.named_modules())
+    fastvision.patch(model)
+    assert isinstance(model.layer1[0], FusedResNetBlock) and isinstance(model.bn1, FoldedBatchNorm2d)
+    first = {n: type(m) for n, m in model.named_modules()}
+    fastvision.patch(model)
+    assert {n: type(m) for n, m in model.named_modules()} == first
+    fastvision.unpatch(model)
+    restored = dict(model.named_modules())
+    assert restored.keys() == originals.keys()
+    assert all(restored[n] is originals[n] for n in originals)
+
+
+def test_patch_option_off_and_torchvision_resnet():
+    model = make("resnet18")
+    fastvision.patch(model, conv_bn=False)
+    assert "resnet.block" not in fastvision.patch_report(model).counts()
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    net = randomize_bn(tv.models.resnet18(num_classes=10)).eval()
+    keys = list(net.state_dict())
+    x = images()
+    with torch.no_grad():
+        ref = copy.deepcopy(net).double()(x.double())
+        patched = fastvision.patch(copy.deepcopy(net))
+        out = patched(x)
+    counts = fastvision.patch_report(patched).counts()
+    assert counts["resnet.block"] == 8 and counts["resnet.stem"] == 3, counts
+    assert list(patched.state_dict()) == keys
+    assert_close(out, ref, torch.float32)
+
+
+def test_skipped_blocks_are_reported():
+    model = make("resnet18")
+    model.layer1[0].conv1.padding_mode = "reflect"
+    fastvision.patch(model)
+    skipped = {s.path: s.reason for s in fastvision.patch_report(model).skipped}
+    assert "padding_mode" in skipped["layer1.0"], skipped
+
+
+@pytest.mark.parametrize("bad", ("channels", "int", "3d"))
+def test_bad_input_raises_like_eager(bad):
+    model = make("resnet18").eval()
+    patched = fastvision.patch(copy.deepcopy(model))
+    x = {"channels": torch.randn(2, 4, 32, 32), "int": torch.randint(0, 255, (2, 3, 32, 32)),
+         "3d": torch.randn(3, 32, 32)}[bad]
+    with pytest.raises((RuntimeError, ValueError)) as eager_error:
+        model(x)
+    with pytest.raises(type(eager_error.value)):
+        patched(x)
+
+
+@pytest.mark.gpu
+@needs_extension
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_patched_resnet50_cuda_channels_last(dtype):
+    from fastvision.testing import relative_error
+    model = make("resnet50").eval().cuda().to(dtype, memory_format=torch.channels_last)
+    x = images(8, 96).cuda().to(dtype).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = copy.deepcopy(model).double()(x.double())
+        eager = model(x)
+        out = fastvision.patch(copy.deepcopy(model))(x)
+    limit = 1e-3 if dtype == torch.float32 else 5e-2  # cuDNN may use TF32 in fp32
+    assert relative_error(out, ref) <= max(2 * relative_error(eager, ref), limit)
