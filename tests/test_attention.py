@@ -25,6 +25,9 @@ CASES = [
     (1, 1, 577, 64, torch.float16, True),
     (1, 1, 785, 64, torch.bfloat16, False),
     (1, 1, 3137, 32, torch.float16, True),
+    # multiples of every block size: only the unmasked full-block paths run
+    (1, 2, 128, 64, torch.float16, True),
+    (2, 1, 256, 80, torch.float32, False),
 ]
 
 
@@ -199,7 +202,8 @@ def test_attention_decline_reasons():
         assert ops.attention_decline(torch.empty(1, 2, 8, 64)) is None
 
 
-@pytest.mark.parametrize("case", ["head_dim_256", "cross_attention", "dropout_eval_equivalent", "bias_requires_grad"])
+@pytest.mark.parametrize("case", ["head_dim_256", "cross_attention", "dropout_eval_equivalent", "bias_requires_grad",
+                                  "negative_scale"])
 def test_unsupported_inputs_fall_back_to_eager(case):
     torch.manual_seed(0)
     if case == "head_dim_256":
@@ -212,13 +216,17 @@ def test_unsupported_inputs_fall_back_to_eager(case):
     elif case == "dropout_eval_equivalent":
         q, k, v = (randn(1, 2, 10, 64, requires_grad=True) for _ in range(3))
         bias = None
-    else:
+    elif case == "bias_requires_grad":
         q, k, v = (randn(1, 2, 10, 64, requires_grad=True) for _ in range(3))
         bias = randn(1, 2, 10, 10, requires_grad=True)
-    out = ops.attention(q, k, v, attn_bias=bias)
+    else:
+        q, k, v = (randn(1, 2, 10, 64, requires_grad=True) for _ in range(3))
+        bias = None
+    scale = -0.3 if case == "negative_scale" else q.shape[-1] ** -0.5
+    out = ops.attention(q, k, v, attn_bias=bias, scale=scale)
     out.backward(torch.ones_like(out))
     refs = float64_copies(q, k, v, bias)
-    ref = reference(*refs[:3], q.shape[-1] ** -0.5, refs[3])
+    ref = reference(*refs[:3], scale, refs[3])
     ref.backward(torch.ones_like(ref))
     assert_close(out, ref, torch.float32)
     for t, r in zip((q, k, v, bias), refs):

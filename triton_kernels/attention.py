@@ -32,22 +32,60 @@ MAX_ATTENTION_ROWS = 16
 
 
 @triton.jit
-def _load_rows(base, rows, cols, stride_row, N, HEAD_DIM: tl.constexpr):
-    """A (len(rows), D_PAD) tile; rows past N and columns past HEAD_DIM read as 0."""
-    mask = (rows[:, None] < N) & (cols[None, :] < HEAD_DIM)
-    return tl.load(base + rows[:, None] * stride_row + cols[None, :], mask=mask, other=0.0)
+def _load_rows(base, rows, cols, stride_row, N, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+               CHECK_ROWS: tl.constexpr):
+    """A (len(rows), D_PAD) tile; rows past N (when CHECK_ROWS) and columns past HEAD_DIM read as 0."""
+    ptrs = base + rows[:, None] * stride_row + cols[None, :]
+    if CHECK_ROWS:
+        if HEAD_DIM == D_PAD:
+            tile = tl.load(ptrs, mask=rows[:, None] < N, other=0.0)
+        else:
+            tile = tl.load(ptrs, mask=(rows[:, None] < N) & (cols[None, :] < HEAD_DIM), other=0.0)
+    else:
+        if HEAD_DIM == D_PAD:
+            tile = tl.load(ptrs)
+        else:
+            tile = tl.load(ptrs, mask=cols[None, :] < HEAD_DIM, other=0.0)
+    return tile
 
 
 @triton.jit
-def _scores(q, k, bias_base, stride_bm, stride_bn, offs_m, offs_n, N, scale_log2,
-            HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
-    """Base-2 scores of a (BLOCK_M, BLOCK_N) tile; key columns past N are -inf."""
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+def _scores(q, k, bias_base, stride_bm, stride_bn, offs_m, offs_n, N, bias_mult,
+            HAS_BIAS: tl.constexpr, MASK_KEYS: tl.constexpr, PRECISION: tl.constexpr):
+    """q kᵀ (+ bias / scale) for a (BLOCK_M, BLOCK_N) tile; key columns past N are -inf when MASK_KEYS.
+
+    The base-2 logits are these scores times scale·log2(e), applied by the caller inside the
+    exp2's argument (one FMA per score).
+    """
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
     if HAS_BIAS:
         mask = (offs_m[:, None] < N) & (offs_n[None, :] < N)
         bias = tl.load(bias_base + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn, mask=mask, other=0.0)
-        s += bias.to(s.dtype) * LOG2E
-    return tl.where(offs_n[None, :] < N, s, -float("inf"))
+        s += bias.to(s.dtype) * bias_mult
+    if MASK_KEYS:
+        s = tl.where(offs_n[None, :] < N, s, -float("inf"))
+    return s
+
+
+@triton.jit
+def _fwd_block(acc, l_i, m_i, q, k_base, v_base, bias_base, start_n, offs_m, offs_d,
+               stride_kn, stride_vn, stride_bm, stride_bn, N, scale_log2, bias_mult,
+               HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+               HAS_BIAS: tl.constexpr, MASK_KEYS: tl.constexpr, PRECISION: tl.constexpr):
+    """One key block of the online softmax: returns the updated (acc, l, m)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k = _load_rows(k_base, offs_n, offs_d, stride_kn, N, HEAD_DIM, D_PAD, MASK_KEYS)
+    s = _scores(q, k, bias_base, stride_bm, stride_bn, offs_m, offs_n, N, bias_mult, HAS_BIAS, MASK_KEYS,
+                PRECISION)
+    m_new = tl.maximum(m_i, tl.max(s, axis=1) * scale_log2)
+    # A row masked out so far keeps acc = l = 0 instead of exp2(-inf + inf) = NaN.
+    m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+    p = tl.exp2(s * scale_log2 - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    v = _load_rows(v_base, offs_n, offs_d, stride_vn, N, HEAD_DIM, D_PAD, MASK_KEYS)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    return acc, l_i, m_new
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -55,7 +93,7 @@ def attention_fwd_kernel(
     Q, K, V, Bias, O, LSE, Rows,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_bb, stride_bh, stride_bm, stride_bn, stride_ob, stride_oh, stride_on, stride_rb, stride_rh, stride_rm,
-    H, N, scale_log2,
+    H, N, scale_log2, bias_mult,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, N_ROWS: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -68,25 +106,22 @@ def attention_fwd_kernel(
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     bias_base = Bias + b * stride_bb + h * stride_bh
-    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qn, N, HEAD_DIM)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qn, N, HEAD_DIM, D_PAD, True)
 
     acc_ty = tl.float64 if Q.dtype.element_ty == tl.float64 else tl.float32
     m_i = tl.full([BLOCK_M], -float("inf"), dtype=acc_ty)
     l_i = tl.zeros([BLOCK_M], dtype=acc_ty)
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=acc_ty)
-    for start_n in range(0, N, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base, offs_n, offs_d, stride_kn, N, HEAD_DIM)
-        s = _scores(q, k, bias_base, stride_bm, stride_bn, offs_m, offs_n, N, scale_log2, HAS_BIAS, PRECISION)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        # A row masked out so far keeps acc = l = 0 instead of exp2(-inf + inf) = NaN.
-        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        v = _load_rows(v_base, offs_n, offs_d, stride_vn, N, HEAD_DIM)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        m_i = m_new
+    # Full key blocks without masks, then the partial last block with them.
+    full_end = (N // BLOCK_N) * BLOCK_N
+    for start_n in range(0, full_end, BLOCK_N):
+        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_base, v_base, bias_base, start_n, offs_m, offs_d,
+                                   stride_kn, stride_vn, stride_bm, stride_bn, N, scale_log2, bias_mult,
+                                   HEAD_DIM, D_PAD, BLOCK_N, HAS_BIAS, False, PRECISION)
+    if full_end < N:
+        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_base, v_base, bias_base, full_end, offs_m, offs_d,
+                                   stride_kn, stride_vn, stride_bm, stride_bn, N, scale_log2, bias_mult,
+                                   HEAD_DIM, D_PAD, BLOCK_N, HAS_BIAS, True, PRECISION)
 
     # A fully masked row gives 0/0 = NaN and lse = -inf, as softmax over all -inf does.
     lse2 = tl.where(m_i == -float("inf"), 0.0, m_i) + tl.log2(l_i)
@@ -100,10 +135,10 @@ def attention_fwd_kernel(
             rows_base = Rows + b * stride_rb + h * stride_rh
             for start_n in range(0, N, BLOCK_N):
                 offs_n = start_n + tl.arange(0, BLOCK_N)
-                k = _load_rows(k_base, offs_n, offs_d, stride_kn, N, HEAD_DIM)
-                s = _scores(q, k, bias_base, stride_bm, stride_bn, offs_m, offs_n, N, scale_log2,
-                            HAS_BIAS, PRECISION)
-                p = tl.exp2(s - lse2[:, None])
+                k = _load_rows(k_base, offs_n, offs_d, stride_kn, N, HEAD_DIM, D_PAD, True)
+                s = _scores(q, k, bias_base, stride_bm, stride_bn, offs_m, offs_n, N, bias_mult,
+                            HAS_BIAS, True, PRECISION)
+                p = tl.exp2(s * scale_log2 - lse2[:, None])
                 r_mask = (offs_m[:, None] < N_ROWS) & (offs_n[None, :] < N)
                 r_ptrs = rows_base + offs_m[:, None] * stride_rm + offs_n[None, :]
                 tl.store(r_ptrs, p.to(Rows.dtype.element_ty), mask=r_mask)
@@ -121,9 +156,38 @@ def attention_bwd_delta_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     acc_ty = tl.float64 if O.dtype.element_ty == tl.float64 else tl.float32
-    o = _load_rows(O + b * stride_ob + h * stride_oh, offs_m, offs_d, stride_on, N, HEAD_DIM).to(acc_ty)
-    do = _load_rows(DO + b * stride_db + h * stride_dh, offs_m, offs_d, stride_dn, N, HEAD_DIM).to(acc_ty)
-    tl.store(Delta + pid_bh.to(tl.int64) * N + offs_m, tl.sum(o * do, axis=1), mask=offs_m < N)
+    o = _load_rows(O + b * stride_ob + h * stride_oh, offs_m, offs_d, stride_on, N, HEAD_DIM, D_PAD, True)
+    do = _load_rows(DO + b * stride_db + h * stride_dh, offs_m, offs_d, stride_dn, N, HEAD_DIM, D_PAD, True)
+    tl.store(Delta + pid_bh.to(tl.int64) * N + offs_m, tl.sum(o.to(acc_ty) * do.to(acc_ty), axis=1), mask=offs_m < N)
+
+
+@triton.jit
+def _dkdv_block(dk, dv, k, v, q_base, do_base, bias_base, lse_base, delta_base, start_m, offs_n, offs_d,
+                stride_qn, stride_dn, stride_bm, stride_bn, N, scale_log2, bias_mult,
+                HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+                HAS_BIAS: tl.constexpr, CHECK_ROWS: tl.constexpr, PRECISION: tl.constexpr):
+    """dk, dv contributions of one query block, from the transposed tile sᵀ (BLOCK_N, BLOCK_M)."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    # Query rows past N read q = dO = 0, so whatever p they get contributes nothing.
+    q = _load_rows(q_base, offs_m, offs_d, stride_qn, N, HEAD_DIM, D_PAD, CHECK_ROWS)
+    do = _load_rows(do_base, offs_m, offs_d, stride_dn, N, HEAD_DIM, D_PAD, CHECK_ROWS)
+    if CHECK_ROWS:
+        lse2 = tl.load(lse_base + offs_m, mask=offs_m < N, other=0.0)
+        delta = tl.load(delta_base + offs_m, mask=offs_m < N, other=0.0)
+    else:
+        lse2 = tl.load(lse_base + offs_m)
+        delta = tl.load(delta_base + offs_m)
+    s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)
+    if HAS_BIAS:
+        mask = (offs_m[None, :] < N) & (offs_n[:, None] < N)
+        bias = tl.load(bias_base + offs_m[None, :] * stride_bm + offs_n[:, None] * stride_bn, mask=mask, other=0.0)
+        s_t += bias.to(s_t.dtype) * bias_mult
+    p_t = tl.exp2(s_t * scale_log2 - lse2[None, :])
+    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
+    return dk, dv
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -132,7 +196,7 @@ def attention_bwd_dkdv_kernel(
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_bb, stride_bh, stride_bm, stride_bn, stride_db, stride_dh, stride_dn,
     stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-    H, N, scale, scale_log2,
+    H, N, scale, scale_log2, bias_mult,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -145,31 +209,24 @@ def attention_bwd_dkdv_kernel(
     q_base = Q + b * stride_qb + h * stride_qh
     do_base = DO + b * stride_db + h * stride_dh
     bias_base = Bias + b * stride_bb + h * stride_bh
-    row_base = pid_bh.to(tl.int64) * N
-    k = _load_rows(K + b * stride_kb + h * stride_kh, offs_n, offs_d, stride_kn, N, HEAD_DIM)
-    v = _load_rows(V + b * stride_vb + h * stride_vh, offs_n, offs_d, stride_vn, N, HEAD_DIM)
+    lse_base = LSE + pid_bh.to(tl.int64) * N
+    delta_base = Delta + pid_bh.to(tl.int64) * N
+    # Key rows past N read k = v = 0 and are not stored.
+    k = _load_rows(K + b * stride_kb + h * stride_kh, offs_n, offs_d, stride_kn, N, HEAD_DIM, D_PAD, True)
+    v = _load_rows(V + b * stride_vb + h * stride_vh, offs_n, offs_d, stride_vn, N, HEAD_DIM, D_PAD, True)
 
     acc_ty = tl.float64 if Q.dtype.element_ty == tl.float64 else tl.float32
     dk = tl.zeros([BLOCK_N, D_PAD], dtype=acc_ty)
     dv = tl.zeros([BLOCK_N, D_PAD], dtype=acc_ty)
-    for start_m in range(0, N, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = _load_rows(q_base, offs_m, offs_d, stride_qn, N, HEAD_DIM)
-        do = _load_rows(do_base, offs_m, offs_d, stride_dn, N, HEAD_DIM)
-        # Rows past N have q = dO = 0, so whatever p they get contributes nothing.
-        lse2 = tl.load(LSE + row_base + offs_m, mask=offs_m < N, other=0.0)
-        delta = tl.load(Delta + row_base + offs_m, mask=offs_m < N, other=0.0)
-        # Transposed tile: sᵀ (BLOCK_N, BLOCK_M), so dv and dk accumulate without transposing p.
-        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale_log2
-        if HAS_BIAS:
-            mask = (offs_m[None, :] < N) & (offs_n[:, None] < N)
-            bias = tl.load(bias_base + offs_m[None, :] * stride_bm + offs_n[:, None] * stride_bn, mask=mask, other=0.0)
-            s_t += bias.to(s_t.dtype) * LOG2E
-        p_t = tl.exp2(s_t - lse2[None, :])
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+    full_end = (N // BLOCK_M) * BLOCK_M
+    for start_m in range(0, full_end, BLOCK_M):
+        dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, bias_base, lse_base, delta_base, start_m, offs_n,
+                             offs_d, stride_qn, stride_dn, stride_bm, stride_bn, N, scale_log2, bias_mult,
+                             HEAD_DIM, D_PAD, BLOCK_M, HAS_BIAS, False, PRECISION)
+    if full_end < N:
+        dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, bias_base, lse_base, delta_base, full_end, offs_n,
+                             offs_d, stride_qn, stride_dn, stride_bm, stride_bn, N, scale_log2, bias_mult,
+                             HEAD_DIM, D_PAD, BLOCK_M, HAS_BIAS, True, PRECISION)
 
     mask = (offs_n[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
     dk_ptrs = DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
@@ -178,13 +235,30 @@ def attention_bwd_dkdv_kernel(
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _dq_block(dq, q, do, lse2, delta, k_base, v_base, bias_base, start_n, offs_m, offs_d,
+              stride_kn, stride_vn, stride_bm, stride_bn, N, scale_log2, bias_mult,
+              HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+              HAS_BIAS: tl.constexpr, MASK_KEYS: tl.constexpr, PRECISION: tl.constexpr):
+    """dq contribution of one key block."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k = _load_rows(k_base, offs_n, offs_d, stride_kn, N, HEAD_DIM, D_PAD, MASK_KEYS)
+    v = _load_rows(v_base, offs_n, offs_d, stride_vn, N, HEAD_DIM, D_PAD, MASK_KEYS)
+    s = _scores(q, k, bias_base, stride_bm, stride_bn, offs_m, offs_n, N, bias_mult, HAS_BIAS, MASK_KEYS,
+                PRECISION)
+    p = tl.exp2(s * scale_log2 - lse2[:, None])
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    ds = p * (dp - delta[:, None])
+    return tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+
+
 @triton.jit(do_not_specialize=["N"])
 def attention_bwd_dq_kernel(
     Q, K, V, Bias, DO, LSE, Delta, DQ,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_bb, stride_bh, stride_bm, stride_bn, stride_db, stride_dh, stride_dn,
     stride_dqb, stride_dqh, stride_dqn,
-    H, N, scale, scale_log2,
+    H, N, scale, scale_log2, bias_mult,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -198,22 +272,22 @@ def attention_bwd_dq_kernel(
     v_base = V + b * stride_vb + h * stride_vh
     bias_base = Bias + b * stride_bb + h * stride_bh
     row_base = pid_bh.to(tl.int64) * N
-    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qn, N, HEAD_DIM)
-    do = _load_rows(DO + b * stride_db + h * stride_dh, offs_m, offs_d, stride_dn, N, HEAD_DIM)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qn, N, HEAD_DIM, D_PAD, True)
+    do = _load_rows(DO + b * stride_db + h * stride_dh, offs_m, offs_d, stride_dn, N, HEAD_DIM, D_PAD, True)
     lse2 = tl.load(LSE + row_base + offs_m, mask=offs_m < N, other=0.0)
     delta = tl.load(Delta + row_base + offs_m, mask=offs_m < N, other=0.0)
 
     acc_ty = tl.float64 if Q.dtype.element_ty == tl.float64 else tl.float32
     dq = tl.zeros([BLOCK_M, D_PAD], dtype=acc_ty)
-    for start_n in range(0, N, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base, offs_n, offs_d, stride_kn, N, HEAD_DIM)
-        v = _load_rows(v_base, offs_n, offs_d, stride_vn, N, HEAD_DIM)
-        s = _scores(q, k, bias_base, stride_bm, stride_bn, offs_m, offs_n, N, scale_log2, HAS_BIAS, PRECISION)
-        p = tl.exp2(s - lse2[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    full_end = (N // BLOCK_N) * BLOCK_N
+    for start_n in range(0, full_end, BLOCK_N):
+        dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, bias_base, start_n, offs_m, offs_d,
+                       stride_kn, stride_vn, stride_bm, stride_bn, N, scale_log2, bias_mult,
+                       HEAD_DIM, D_PAD, BLOCK_N, HAS_BIAS, False, PRECISION)
+    if full_end < N:
+        dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, bias_base, full_end, offs_m, offs_d,
+                       stride_kn, stride_vn, stride_bm, stride_bn, N, scale_log2, bias_mult,
+                       HEAD_DIM, D_PAD, BLOCK_N, HAS_BIAS, True, PRECISION)
 
     mask = (offs_m[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
     dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :]
@@ -373,7 +447,7 @@ def attention_fwd(q, k, v, *, scale: float, bias=None, n_rows: int = 0, allow_tf
     _launch(attention_fwd_kernel, "BLOCK_M", q, N, B * H,
             q, k, v, _bias_args(bias, q)[0], out, lse, rows_arg,
             *_strides(q), *_strides(k), *_strides(v), *_bias_args(bias, q)[1:], *_strides(out), *rows_strides,
-            H, N, scale * math.log2(math.e),
+            H, N, scale * math.log2(math.e), 1.0 / scale,
             HEAD_DIM=d, D_PAD=head_dim_padded(d), HAS_BIAS=bias is not None, N_ROWS=n_rows,
             PRECISION=dot_precision(q.dtype, allow_tf32))
     return out, lse, rows
@@ -393,10 +467,10 @@ def attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, *, scale: float, bias=Non
     scale_log2 = scale * math.log2(math.e)
     _launch(attention_bwd_dkdv_kernel, "BLOCK_N", q, N, B * H,
             q, k, v, bias_ptr, dout, lse, delta, dk, dv, *common, *_strides(dk), *_strides(dv),
-            H, N, scale, scale_log2, **meta)
+            H, N, scale, scale_log2, 1.0 / scale, **meta)
     _launch(attention_bwd_dq_kernel, "BLOCK_M", q, N, B * H,
             q, k, v, bias_ptr, dout, lse, delta, dq, *common, *_strides(dq),
-            H, N, scale, scale_log2, **meta)
+            H, N, scale, scale_log2, 1.0 / scale, **meta)
     return dq, dk, dv
 
 
@@ -408,7 +482,7 @@ def _signature(kernel, pointers, accumulators=("LSE", "Delta")):
             sig[name] = pointer(torch.float32)
         elif name in ("Q", "K", "V", "Bias", "O", "Rows", "DO", "DQ", "DK", "DV"):
             sig[name] = pointers
-        elif name.startswith("scale"):
+        elif name.startswith("scale") or name == "bias_mult":
             sig[name] = "fp32"
         elif name.startswith("stride_") or name in ("H", "N"):
             sig[name] = "i32"

@@ -53,10 +53,8 @@ def check_floating(name: str, t: Optional[torch.Tensor]) -> None:
 
 
 def check_same_device(**tensors: Optional[torch.Tensor]) -> None:
-    present = {k: v for k, v in tensors.items() if v is not None}
-    devices = {v.device for v in present.values()}
-    if len(devices) > 1:
-        listing = ", ".join(f"{k} on {v.device}" for k, v in present.items())
+    if len({t.device for t in tensors.values() if t is not None}) > 1:
+        listing = ", ".join(f"{k} on {v.device}" for k, v in tensors.items() if v is not None)
         raise ValueError(f"tensors must be on one device: {listing}")
 
 

@@ -186,12 +186,16 @@ define("attention_qkvpacked", _attention_qkvpacked_impl, _attention_packed_fake,
 # --- public API ----------------------------------------------------------------------------
 
 def attention_decline(q: Tensor, k: Optional[Tensor] = None, v: Optional[Tensor] = None,
-                      attn_bias: Optional[Tensor] = None, dropout_p: float = 0.0, is_causal: bool = False
-                      ) -> Optional[str]:
-    """Why the fused kernel will not run on these (B, H, N, d) inputs (None: it will)."""
+                      attn_bias: Optional[Tensor] = None, dropout_p: float = 0.0, is_causal: bool = False,
+                      scale: Optional[float] = None) -> Optional[str]:
+    """Why the fused kernel will not run on these (B, H, N, d) inputs (None: it will).
+
+    Only q's last dimension, dtype and device are read, so a packed (B, N, 3, H, d) qkv serves as q too.
+    """
     d = q.shape[-1]
     return C.first_decline(
         C.device_decline(q), C.dtype_decline(q),
+        f"scale={scale} (the kernel needs a positive softmax scale)" if scale is not None and scale <= 0 else None,
         f"head dim {d} > {MAX_HEAD_DIM}" if d > MAX_HEAD_DIM else None,
         "head dim 0" if d == 0 else None,
         "k or v has a different shape, dtype or device than q (cross-attention)"
@@ -272,7 +276,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
     scale = d ** -0.5 if scale is None else float(scale)
     n_rows = _check_rows(return_attn_rows, N)
     bias = _additive_bias(attn_bias, q, B, H, N)
-    if attention_decline(q, k, v, bias, dropout_p, is_causal) is not None:
+    if attention_decline(q, k, v, bias, dropout_p, is_causal, scale) is not None:
         out = _sdpa(q, k, v, bias, scale, dropout_p, is_causal)
         rows = _eager_rows(q, k, bias, scale, n_rows)
     else:
@@ -294,8 +298,8 @@ def attention_qkvpacked(qkv: Tensor, *, scale: Optional[float] = None, attn_bias
     scale = d ** -0.5 if scale is None else float(scale)
     n_rows = _check_rows(return_attn_rows, N)
     bias = _additive_bias(attn_bias, qkv, B, H, N)
-    q, k, v = _unpack(qkv)
-    if attention_decline(q, attn_bias=bias, dropout_p=dropout_p) is not None:
+    if attention_decline(qkv, attn_bias=bias, dropout_p=dropout_p, scale=scale) is not None:
+        q, k, v = _unpack(qkv)
         out = _sdpa(q, k, v, bias, scale, dropout_p, False).transpose(1, 2)
         rows = _eager_rows(q, k, bias, scale, n_rows)
     else:
