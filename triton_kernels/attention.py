@@ -50,6 +50,23 @@ def _load_rows(base, rows, cols, stride_row, N, HEAD_DIM: tl.constexpr, D_PAD: t
 
 
 @triton.jit
+def _sequence(pid_bh, H, N, CuSeqlens, VARLEN: tl.constexpr):
+    """(batch or sequence index, head, first token, length) of this program's (sequence, head) pair.
+
+    Packed variable-length sequences (VARLEN) share one token axis; CuSeqlens holds their offsets.
+    """
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    if VARLEN:
+        start = tl.load(CuSeqlens + b).to(tl.int64)
+        n = (tl.load(CuSeqlens + b + 1) - start).to(tl.int32)
+    else:
+        start = b * 0
+        n = N
+    return b, h, start, n
+
+
+@triton.jit
 def _scores(q, k, bias_base, stride_bm, stride_bn, offs_m, offs_n, N, bias_mult,
             HAS_BIAS: tl.constexpr, MASK_KEYS: tl.constexpr, PRECISION: tl.constexpr):
     """q kᵀ (+ bias / scale) for a (BLOCK_M, BLOCK_N) tile; key columns past N are -inf when MASK_KEYS.
@@ -90,35 +107,37 @@ def _fwd_block(acc, l_i, m_i, q, k_base, v_base, bias_base, start_n, offs_m, off
 
 @triton.jit(do_not_specialize=["N"])
 def attention_fwd_kernel(
-    Q, K, V, Bias, O, LSE, Rows,
+    Q, K, V, Bias, O, LSE, Rows, CuSeqlens,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_bb, stride_bh, stride_bm, stride_bn, stride_ob, stride_oh, stride_on, stride_rb, stride_rh, stride_rm,
-    H, N, scale_log2, bias_mult,
+    stride_lb, stride_lh, H, N, scale_log2, bias_mult,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_BIAS: tl.constexpr, N_ROWS: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, N_ROWS: tl.constexpr, PRECISION: tl.constexpr, VARLEN: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    b, h, start, N = _sequence(pid_bh, H, N, CuSeqlens, VARLEN)
+    # A query block past the end of a short packed sequence runs no key block and stores nothing.
+    kv_len = tl.where(pid_m * BLOCK_M < N, N, 0)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
+    k_base = K + b * stride_kb + h * stride_kh + start * stride_kn
+    v_base = V + b * stride_vb + h * stride_vh + start * stride_vn
     bias_base = Bias + b * stride_bb + h * stride_bh
-    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qn, N, HEAD_DIM, D_PAD, True)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh + start * stride_qn, offs_m, offs_d, stride_qn, N,
+                   HEAD_DIM, D_PAD, True)
 
     acc_ty = tl.float64 if Q.dtype.element_ty == tl.float64 else tl.float32
     m_i = tl.full([BLOCK_M], -float("inf"), dtype=acc_ty)
     l_i = tl.zeros([BLOCK_M], dtype=acc_ty)
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=acc_ty)
     # Full key blocks without masks, then the partial last block with them.
-    full_end = (N // BLOCK_N) * BLOCK_N
+    full_end = (kv_len // BLOCK_N) * BLOCK_N
     for start_n in range(0, full_end, BLOCK_N):
         acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_base, v_base, bias_base, start_n, offs_m, offs_d,
                                    stride_kn, stride_vn, stride_bm, stride_bn, N, scale_log2, bias_mult,
                                    HEAD_DIM, D_PAD, BLOCK_N, HAS_BIAS, False, PRECISION)
-    if full_end < N:
+    if full_end < kv_len:
         acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_base, v_base, bias_base, full_end, offs_m, offs_d,
                                    stride_kn, stride_vn, stride_bm, stride_bn, N, scale_log2, bias_mult,
                                    HEAD_DIM, D_PAD, BLOCK_N, HAS_BIAS, True, PRECISION)
@@ -126,9 +145,9 @@ def attention_fwd_kernel(
     # A fully masked row gives 0/0 = NaN and lse = -inf, as softmax over all -inf does.
     lse2 = tl.where(m_i == -float("inf"), 0.0, m_i) + tl.log2(l_i)
     o_mask = (offs_m[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
-    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :]
+    o_ptrs = O + b * stride_ob + h * stride_oh + (start + offs_m[:, None]) * stride_on + offs_d[None, :]
     tl.store(o_ptrs, (acc / l_i[:, None]).to(O.dtype.element_ty), mask=o_mask)
-    tl.store(LSE + pid_bh.to(tl.int64) * N + offs_m, lse2, mask=offs_m < N)
+    tl.store(LSE + b * stride_lb + h * stride_lh + start + offs_m, lse2, mask=offs_m < N)
 
     if N_ROWS > 0:
         if pid_m == 0:
@@ -146,19 +165,22 @@ def attention_fwd_kernel(
 
 @triton.jit(do_not_specialize=["N"])
 def attention_bwd_delta_kernel(
-    O, DO, Delta, stride_ob, stride_oh, stride_on, stride_db, stride_dh, stride_dn,
-    H, N, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    O, DO, Delta, CuSeqlens, stride_ob, stride_oh, stride_on, stride_db, stride_dh, stride_dn,
+    stride_lb, stride_lh, H, N, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    b, h, start, N = _sequence(pid_bh, H, N, CuSeqlens, VARLEN)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     acc_ty = tl.float64 if O.dtype.element_ty == tl.float64 else tl.float32
-    o = _load_rows(O + b * stride_ob + h * stride_oh, offs_m, offs_d, stride_on, N, HEAD_DIM, D_PAD, True)
-    do = _load_rows(DO + b * stride_db + h * stride_dh, offs_m, offs_d, stride_dn, N, HEAD_DIM, D_PAD, True)
-    tl.store(Delta + pid_bh.to(tl.int64) * N + offs_m, tl.sum(o.to(acc_ty) * do.to(acc_ty), axis=1), mask=offs_m < N)
+    o = _load_rows(O + b * stride_ob + h * stride_oh + start * stride_on, offs_m, offs_d, stride_on, N,
+                   HEAD_DIM, D_PAD, True)
+    do = _load_rows(DO + b * stride_db + h * stride_dh + start * stride_dn, offs_m, offs_d, stride_dn, N,
+                    HEAD_DIM, D_PAD, True)
+    delta = tl.sum(o.to(acc_ty) * do.to(acc_ty), axis=1)
+    tl.store(Delta + b * stride_lb + h * stride_lh + start + offs_m, delta, mask=offs_m < N)
 
 
 @triton.jit
@@ -192,45 +214,47 @@ def _dkdv_block(dk, dv, k, v, q_base, do_base, bias_base, lse_base, delta_base, 
 
 @triton.jit(do_not_specialize=["N"])
 def attention_bwd_dkdv_kernel(
-    Q, K, V, Bias, DO, LSE, Delta, DK, DV,
+    Q, K, V, Bias, DO, LSE, Delta, DK, DV, CuSeqlens,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_bb, stride_bh, stride_bm, stride_bn, stride_db, stride_dh, stride_dn,
     stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-    H, N, scale, scale_log2, bias_mult,
+    stride_lb, stride_lh, H, N, scale, scale_log2, bias_mult,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, VARLEN: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    b, h, start, N = _sequence(pid_bh, H, N, CuSeqlens, VARLEN)
+    q_len = tl.where(pid_n * BLOCK_N < N, N, 0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
-    q_base = Q + b * stride_qb + h * stride_qh
-    do_base = DO + b * stride_db + h * stride_dh
+    q_base = Q + b * stride_qb + h * stride_qh + start * stride_qn
+    do_base = DO + b * stride_db + h * stride_dh + start * stride_dn
     bias_base = Bias + b * stride_bb + h * stride_bh
-    lse_base = LSE + pid_bh.to(tl.int64) * N
-    delta_base = Delta + pid_bh.to(tl.int64) * N
+    lse_base = LSE + b * stride_lb + h * stride_lh + start
+    delta_base = Delta + b * stride_lb + h * stride_lh + start
     # Key rows past N read k = v = 0 and are not stored.
-    k = _load_rows(K + b * stride_kb + h * stride_kh, offs_n, offs_d, stride_kn, N, HEAD_DIM, D_PAD, True)
-    v = _load_rows(V + b * stride_vb + h * stride_vh, offs_n, offs_d, stride_vn, N, HEAD_DIM, D_PAD, True)
+    k = _load_rows(K + b * stride_kb + h * stride_kh + start * stride_kn, offs_n, offs_d, stride_kn, N,
+                   HEAD_DIM, D_PAD, True)
+    v = _load_rows(V + b * stride_vb + h * stride_vh + start * stride_vn, offs_n, offs_d, stride_vn, N,
+                   HEAD_DIM, D_PAD, True)
 
     acc_ty = tl.float64 if Q.dtype.element_ty == tl.float64 else tl.float32
     dk = tl.zeros([BLOCK_N, D_PAD], dtype=acc_ty)
     dv = tl.zeros([BLOCK_N, D_PAD], dtype=acc_ty)
-    full_end = (N // BLOCK_M) * BLOCK_M
+    full_end = (q_len // BLOCK_M) * BLOCK_M
     for start_m in range(0, full_end, BLOCK_M):
         dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, bias_base, lse_base, delta_base, start_m, offs_n,
                              offs_d, stride_qn, stride_dn, stride_bm, stride_bn, N, scale_log2, bias_mult,
                              HEAD_DIM, D_PAD, BLOCK_M, HAS_BIAS, False, PRECISION)
-    if full_end < N:
+    if full_end < q_len:
         dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, bias_base, lse_base, delta_base, full_end, offs_n,
                              offs_d, stride_qn, stride_dn, stride_bm, stride_bn, N, scale_log2, bias_mult,
                              HEAD_DIM, D_PAD, BLOCK_M, HAS_BIAS, True, PRECISION)
 
     mask = (offs_n[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
-    dk_ptrs = DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
-    dv_ptrs = DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :]
+    dk_ptrs = DK + b * stride_dkb + h * stride_dkh + (start + offs_n[:, None]) * stride_dkn + offs_d[None, :]
+    dv_ptrs = DV + b * stride_dvb + h * stride_dvh + (start + offs_n[:, None]) * stride_dvn + offs_d[None, :]
     tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=mask)
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=mask)
 
@@ -254,43 +278,45 @@ def _dq_block(dq, q, do, lse2, delta, k_base, v_base, bias_base, start_n, offs_m
 
 @triton.jit(do_not_specialize=["N"])
 def attention_bwd_dq_kernel(
-    Q, K, V, Bias, DO, LSE, Delta, DQ,
+    Q, K, V, Bias, DO, LSE, Delta, DQ, CuSeqlens,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_bb, stride_bh, stride_bm, stride_bn, stride_db, stride_dh, stride_dn,
     stride_dqb, stride_dqh, stride_dqn,
-    H, N, scale, scale_log2, bias_mult,
+    stride_lb, stride_lh, H, N, scale, scale_log2, bias_mult,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, VARLEN: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    b, h, start, N = _sequence(pid_bh, H, N, CuSeqlens, VARLEN)
+    kv_len = tl.where(pid_m * BLOCK_M < N, N, 0)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
+    k_base = K + b * stride_kb + h * stride_kh + start * stride_kn
+    v_base = V + b * stride_vb + h * stride_vh + start * stride_vn
     bias_base = Bias + b * stride_bb + h * stride_bh
-    row_base = pid_bh.to(tl.int64) * N
-    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qn, N, HEAD_DIM, D_PAD, True)
-    do = _load_rows(DO + b * stride_db + h * stride_dh, offs_m, offs_d, stride_dn, N, HEAD_DIM, D_PAD, True)
+    row_base = b * stride_lb + h * stride_lh + start
+    q = _load_rows(Q + b * stride_qb + h * stride_qh + start * stride_qn, offs_m, offs_d, stride_qn, N,
+                   HEAD_DIM, D_PAD, True)
+    do = _load_rows(DO + b * stride_db + h * stride_dh + start * stride_dn, offs_m, offs_d, stride_dn, N,
+                    HEAD_DIM, D_PAD, True)
     lse2 = tl.load(LSE + row_base + offs_m, mask=offs_m < N, other=0.0)
     delta = tl.load(Delta + row_base + offs_m, mask=offs_m < N, other=0.0)
 
     acc_ty = tl.float64 if Q.dtype.element_ty == tl.float64 else tl.float32
     dq = tl.zeros([BLOCK_M, D_PAD], dtype=acc_ty)
-    full_end = (N // BLOCK_N) * BLOCK_N
+    full_end = (kv_len // BLOCK_N) * BLOCK_N
     for start_n in range(0, full_end, BLOCK_N):
         dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, bias_base, start_n, offs_m, offs_d,
                        stride_kn, stride_vn, stride_bm, stride_bn, N, scale_log2, bias_mult,
                        HEAD_DIM, D_PAD, BLOCK_N, HAS_BIAS, False, PRECISION)
-    if full_end < N:
+    if full_end < kv_len:
         dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, bias_base, full_end, offs_m, offs_d,
                        stride_kn, stride_vn, stride_bm, stride_bn, N, scale_log2, bias_mult,
                        HEAD_DIM, D_PAD, BLOCK_N, HAS_BIAS, True, PRECISION)
 
     mask = (offs_m[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
-    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :]
+    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + (start + offs_m[:, None]) * stride_dqn + offs_d[None, :]
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=mask)
 
 
@@ -404,9 +430,9 @@ def _launch(kernel, grid_axis, tensor, n, programs_per_row, *args, **meta):
     launch(cfg)
 
 
-def _strides(t):
-    """(batch, head, row) strides of a (B, H, N, d) view; broadcast dims of a bias give 0."""
-    return t.stride(0), t.stride(1), t.stride(2)
+def _strides(t, varlen: bool = False):
+    """(batch, head, row) strides of a (B, H, N, d) view; packed sequences all sit in batch 0."""
+    return 0 if varlen else t.stride(0), t.stride(1), t.stride(2)
 
 
 def head_dim_padded(d: int) -> int:
@@ -426,15 +452,26 @@ def _bias_args(bias, q):
     return (bias, *bias.stride())
 
 
+def _geometry(q, cu_seqlens, max_seqlen):
+    """(programs along grid axis 1, length that sizes grid axis 0, lse strides (per batch, per head))."""
+    B, H, N, _ = q.shape
+    if cu_seqlens is None:
+        return B * H, N, (H * N, N)
+    return (cu_seqlens.numel() - 1) * H, max_seqlen, (0, N)
+
+
 def attention_fwd(q, k, v, *, scale: float, bias=None, n_rows: int = 0, allow_tf32: bool = False,
-                  heads_last_output: bool = False):
+                  heads_last_output: bool = False, cu_seqlens=None, max_seqlen: int = 0):
     """(out, lse, rows) for (B, H, N, d) views q, k, v with unit stride along d.
 
     out is (B, H, N, d) (a view of a (B, N, H, d) buffer when heads_last_output), lse is
     the base-2 log-sum-exp per row, (B*H, N); rows holds softmax of the first n_rows
-    query rows, (B, H, n_rows, N) (empty when n_rows is 0).
+    query rows, (B, H, n_rows, N) (empty when n_rows is 0). With ``cu_seqlens`` (int32
+    offsets of packed sequences, B = 1, N = all tokens) each token attends only within its
+    own sequence, the longest being ``max_seqlen``; no bias or rows then.
     """
     B, H, N, d = q.shape
+    varlen = cu_seqlens is not None
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     if heads_last_output:
         out = new_output((B, N, H, d), dtype=q.dtype, device=q.device).transpose(1, 2)
@@ -444,33 +481,41 @@ def attention_fwd(q, k, v, *, scale: float, bias=None, n_rows: int = 0, allow_tf
     rows = new_output((B, H, n_rows, N), dtype=q.dtype, device=q.device)
     rows_arg = rows if n_rows else out
     rows_strides = rows.stride()[:3] if n_rows else (0, 0, 0)
-    _launch(attention_fwd_kernel, "BLOCK_M", q, N, B * H,
-            q, k, v, _bias_args(bias, q)[0], out, lse, rows_arg,
-            *_strides(q), *_strides(k), *_strides(v), *_bias_args(bias, q)[1:], *_strides(out), *rows_strides,
+    programs, grid_len, lse_strides = _geometry(q, cu_seqlens, max_seqlen)
+    _launch(attention_fwd_kernel, "BLOCK_M", q, grid_len, programs,
+            q, k, v, _bias_args(bias, q)[0], out, lse, rows_arg, q if cu_seqlens is None else cu_seqlens,
+            *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_bias_args(bias, q)[1:],
+            *_strides(out, varlen), *rows_strides, *lse_strides,
             H, N, scale * math.log2(math.e), 1.0 / scale,
             HEAD_DIM=d, D_PAD=head_dim_padded(d), HAS_BIAS=bias is not None, N_ROWS=n_rows,
-            PRECISION=dot_precision(q.dtype, allow_tf32))
+            PRECISION=dot_precision(q.dtype, allow_tf32), VARLEN=varlen)
     return out, lse, rows
 
 
-def attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, *, scale: float, bias=None, allow_tf32: bool = False):
+def attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, *, scale: float, bias=None, allow_tf32: bool = False,
+                  cu_seqlens=None, max_seqlen: int = 0):
     """Write dq, dk, dv (preallocated (B, H, N, d) views, e.g. slices of a packed dqkv)."""
     B, H, N, d = q.shape
+    varlen = cu_seqlens is not None
     d_pad = head_dim_padded(d)
+    programs, grid_len, lse_strides = _geometry(q, cu_seqlens, max_seqlen)
+    cu = q if cu_seqlens is None else cu_seqlens
     delta = torch.empty((B * H, N), dtype=lse.dtype, device=q.device)
-    attention_bwd_delta_kernel[(triton.cdiv(N, DELTA_BLOCK_M), B * H)](
-        out, dout, delta, *_strides(out), *_strides(dout), H, N,
-        HEAD_DIM=d, D_PAD=d_pad, BLOCK_M=DELTA_BLOCK_M)
+    attention_bwd_delta_kernel[(triton.cdiv(grid_len, DELTA_BLOCK_M), programs)](
+        out, dout, delta, cu, *_strides(out, varlen), *_strides(dout, varlen), *lse_strides, H, N,
+        HEAD_DIM=d, D_PAD=d_pad, BLOCK_M=DELTA_BLOCK_M, VARLEN=varlen)
     bias_ptr, *bias_strides = _bias_args(bias, q)
-    common = (*_strides(q), *_strides(k), *_strides(v), *bias_strides, *_strides(dout))
-    meta = dict(HEAD_DIM=d, D_PAD=d_pad, HAS_BIAS=bias is not None, PRECISION=dot_precision(q.dtype, allow_tf32))
+    common = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *bias_strides,
+              *_strides(dout, varlen))
+    meta = dict(HEAD_DIM=d, D_PAD=d_pad, HAS_BIAS=bias is not None, PRECISION=dot_precision(q.dtype, allow_tf32),
+                VARLEN=varlen)
     scale_log2 = scale * math.log2(math.e)
-    _launch(attention_bwd_dkdv_kernel, "BLOCK_N", q, N, B * H,
-            q, k, v, bias_ptr, dout, lse, delta, dk, dv, *common, *_strides(dk), *_strides(dv),
-            H, N, scale, scale_log2, 1.0 / scale, **meta)
-    _launch(attention_bwd_dq_kernel, "BLOCK_M", q, N, B * H,
-            q, k, v, bias_ptr, dout, lse, delta, dq, *common, *_strides(dq),
-            H, N, scale, scale_log2, 1.0 / scale, **meta)
+    _launch(attention_bwd_dkdv_kernel, "BLOCK_N", q, grid_len, programs,
+            q, k, v, bias_ptr, dout, lse, delta, dk, dv, cu, *common, *_strides(dk, varlen), *_strides(dv, varlen),
+            *lse_strides, H, N, scale, scale_log2, 1.0 / scale, **meta)
+    _launch(attention_bwd_dq_kernel, "BLOCK_M", q, grid_len, programs,
+            q, k, v, bias_ptr, dout, lse, delta, dq, cu, *common, *_strides(dq, varlen),
+            *lse_strides, H, N, scale, scale_log2, 1.0 / scale, **meta)
     return dq, dk, dv
 
 
@@ -482,6 +527,8 @@ def _signature(kernel, pointers, accumulators=("LSE", "Delta")):
             sig[name] = pointer(torch.float32)
         elif name in ("Q", "K", "V", "Bias", "O", "Rows", "DO", "DQ", "DK", "DV"):
             sig[name] = pointers
+        elif name == "CuSeqlens":
+            sig[name] = "*i32"
         elif name.startswith("scale") or name == "bias_mult":
             sig[name] = "fp32"
         elif name.startswith("stride_") or name in ("H", "N"):
@@ -502,8 +549,11 @@ def aot_specializations():
         for d in (32, 64, 80, 96, 128):
             main_case = dtype == torch.bfloat16 and d == 64
             d_pad = head_dim_padded(d)
-            for has_bias in ((False, True) if main_case else (False,)):
-                base = dict(HEAD_DIM=d, D_PAD=d_pad, HAS_BIAS=has_bias, PRECISION=dot_precision(dtype, True))
+            # (bias, packed variable-length sequences)
+            variants = ((False, False), (True, False), (False, True)) if main_case else ((False, False),)
+            for has_bias, varlen in variants:
+                base = dict(HEAD_DIM=d, D_PAD=d_pad, HAS_BIAS=has_bias, PRECISION=dot_precision(dtype, True),
+                            VARLEN=varlen)
                 for kernel in CONFIGS:
                     extra = {"N_ROWS": 1} if kernel is attention_fwd_kernel else {}
                     candidates = candidate_configs(kernel, 4096, d_pad, element_bytes)
@@ -513,4 +563,4 @@ def aot_specializations():
                         options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
                         yield kernel, _signature(kernel, pointer(dtype)), {**base, **extra, **cfg.kwargs}, options
         yield (attention_bwd_delta_kernel, _signature(attention_bwd_delta_kernel, pointer(dtype)),
-               dict(HEAD_DIM=80, D_PAD=128, BLOCK_M=DELTA_BLOCK_M), {"num_warps": 4})
+               dict(HEAD_DIM=80, D_PAD=128, BLOCK_M=DELTA_BLOCK_M, VARLEN=False), {"num_warps": 4})

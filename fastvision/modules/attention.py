@@ -55,11 +55,26 @@ class Attention(nn.Module):
         result = ops.attention_qkvpacked(qkv, **kwargs)
         return result if self.attention_rows else (result, None)
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
+    def _attend_packed(self, qkv: torch.Tensor, segments: "ops.Segments"):
+        """Sequences packed along the token axis (x of shape (1, T, C)): block-diagonal attention."""
+        if self._has_qk_norm():
+            q, k, v = (self.q_norm(qkv[:, :, 0]), self.k_norm(qkv[:, :, 1]), qkv[:, :, 2])
+            qkv = torch.stack([q, k, v], dim=2)
+        if self.training and self.attn_drop.p > 0:
+            raise NotImplementedError("attention dropout is not supported on packed sequences")
+        if self.attention_rows:
+            raise NotImplementedError("attention rows are not recorded for packed sequences")
+        return ops.attention_varlen(qkv[0], segments, scale=self.scale).unsqueeze(0), None
+
+    def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False):
+        """``attn_mask`` may also be a ``fastvision.ops.Segments``: x then holds packed sequences, (1, T, C)."""
         B, N, _ = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim)
-        out, rows = self._attend(qkv, attn_mask, is_causal)
+        if isinstance(attn_mask, ops.Segments):
+            out, rows = self._attend_packed(qkv, attn_mask)
+        else:
+            out, rows = self._attend(qkv, attn_mask, is_causal)
         if self.attention_rows:
             self.last_attention_rows = rows
         x = self.norm(out.reshape(B, N, self.attn_dim))

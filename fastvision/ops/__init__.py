@@ -4,18 +4,20 @@ Each public function is a drop-in for its torch.nn.functional counterpart. It ru
 the Triton kernel where the inputs are supported and the eager op otherwise; the
 ``*_decline`` functions say why a kernel would not run (None when it would).
 """
-from .attention import attention, attention_decline, attention_qkvpacked
+from .attention import Segments, attention, attention_decline, attention_qkvpacked, attention_varlen, varlen_decline
 from ._common import device_decline, triton_interpreted
 from .batchnorm import fold_batchnorm
 from .conv import conv_bn_act, conv_bn_act_decline
+from .dino_loss import dino_loss, dino_loss_decline
 from .gelu import APPROXIMATIONS as GELU_APPROXIMATIONS
 from .gelu import bias_gelu, gelu, gelu_decline
 from .layer_norm import add_layer_norm, layer_norm, layer_norm_decline
 from .softmax import softmax, softmax_decline
 
 __all__ = [
-    "attention", "attention_decline", "attention_qkvpacked",
+    "Segments", "attention", "attention_decline", "attention_qkvpacked", "attention_varlen", "varlen_decline",
     "GELU_APPROXIMATIONS", "add_layer_norm", "bias_gelu", "conv_bn_act", "conv_bn_act_decline", "device_decline",
+    "dino_loss", "dino_loss_decline",
     "fold_batchnorm", "gelu", "gelu_decline", "layer_norm",
     "layer_norm_decline", "softmax", "softmax_decline", "triton_interpreted",
 ]

@@ -9,8 +9,10 @@ rows (DINO's CLS attention maps), computed in the same fused pass.
 float32 inputs use TF32 matrix products on the GPU when
 ``torch.backends.cuda.matmul.allow_tf32`` is set (as torch.matmul does); otherwise IEEE fp32.
 """
+import itertools
 import math
-from typing import Optional, Tuple
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -305,3 +307,159 @@ def attention_qkvpacked(qkv: Tensor, *, scale: Optional[float] = None, attn_bias
     else:
         out, _, rows = call("attention_qkvpacked", qkv, bias, scale, n_rows, _allow_tf32())
     return (out, rows) if return_attn_rows else out
+
+
+# --- variable-length (block-diagonal) attention over packed sequences ----------------------
+
+@dataclass(frozen=True)
+class Segments:
+    """Consecutive sequences packed along one token axis: tokens attend only within their own sequence.
+
+    ``lengths`` stays on the host (no device sync to plan a launch or the eager fallback);
+    ``cu_seqlens`` (int32, len(lengths) + 1, on the tokens' device) holds the start offsets.
+    """
+    lengths: Tuple[int, ...]
+    cu_seqlens: Tensor
+
+    @classmethod
+    def from_lengths(cls, lengths: Sequence[int], device=None) -> "Segments":
+        lengths = tuple(int(n) for n in lengths)
+        if not lengths or min(lengths) < 1:
+            raise ValueError(f"segment lengths must be positive, got {lengths}")
+        offsets = [0]
+        for n in lengths:
+            offsets.append(offsets[-1] + n)
+        return cls(lengths, torch.tensor(offsets, dtype=torch.int32, device=device))
+
+    @property
+    def total(self) -> int:
+        return sum(self.lengths)
+
+    @property
+    def max_length(self) -> int:
+        return max(self.lengths)
+
+    def runs(self):
+        """(start token, length, count) of each run of equal consecutive lengths."""
+        start = 0
+        for length, group in itertools.groupby(self.lengths):
+            count = len(list(group))
+            yield start, length, count
+            start += length * count
+
+
+def _eager_varlen(qkv: Tensor, segments: Segments, scale: float) -> Tensor:
+    """Runs of equal-length sequences as one batched SDPA each: (T, 3, H, d) → (T, H, d)."""
+    outputs = []
+    for start, length, count in segments.runs():
+        chunk = qkv[start:start + length * count].reshape(count, length, *qkv.shape[1:])
+        q, k, v = _unpack(chunk)
+        outputs.append(_sdpa(q, k, v, None, scale, 0.0, False).transpose(1, 2).reshape(-1, *qkv.shape[2:]))
+    return torch.cat(outputs)
+
+
+def _runs_of(cu_seqlens: Tensor):
+    """Segments rebuilt from device offsets (a host sync: eager fallback only)."""
+    offsets = cu_seqlens.tolist()
+    return Segments(tuple(b - a for a, b in zip(offsets, offsets[1:])), cu_seqlens).runs()
+
+
+def _run_heads(t: Tensor, start: int, length: int, count: int) -> Tensor:
+    """(count, H, length, d) view of a run of equal-length sequences in a (T, H, d) tensor."""
+    return t[start:start + length * count].view(count, length, *t.shape[1:]).transpose(1, 2)
+
+
+def _attention_varlen_impl(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float, allow_tf32: bool
+                           ) -> Tuple[Tensor, Tensor]:
+    T, _, H, d = qkv.shape
+    if not C.use_triton(qkv):
+        out, lse = qkv.new_empty((T, H, d)), qkv.new_empty((H, T), dtype=_acc_dtype(qkv))
+        for start, length, count in _runs_of(cu_seqlens):
+            q, k, v = (_run_heads(qkv[:, i], start, length, count) for i in range(3))
+            run_out, run_lse, _ = _eager_forward(q, k, v, None, scale, 0)
+            _run_heads(out, start, length, count).copy_(run_out)
+            lse[:, start:start + length * count] = run_lse.view(count, H, length).transpose(0, 1).reshape(H, -1)
+        return out, lse
+    q, k, v = _unpack(_unit_stride(qkv)[None])
+    out, lse, _ = _kernels().attention_fwd(q, k, v, scale=scale, allow_tf32=allow_tf32, heads_last_output=True,
+                                           cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+    return out.transpose(1, 2)[0], lse
+
+
+def _attention_varlen_fake(qkv, cu_seqlens, max_seqlen, scale, allow_tf32):
+    T, _, H, d = qkv.shape
+    return qkv.new_empty((T, H, d)), qkv.new_empty((H, T), dtype=_acc_dtype(qkv))
+
+
+def _attention_varlen_backward_impl(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, cu_seqlens: Tensor,
+                                    max_seqlen: int, scale: float, allow_tf32: bool) -> Tensor:
+    T, _, H, d = qkv.shape
+    if not C.use_triton(qkv):
+        dqkv = qkv.new_empty(qkv.shape)
+        for start, length, count in _runs_of(cu_seqlens):
+            q, k, v = (_run_heads(qkv[:, i], start, length, count) for i in range(3))
+            run_lse = lse[:, start:start + length * count].reshape(H, count, length).transpose(0, 1)
+            grads = _eager_backward(_run_heads(dout, start, length, count), q, k, v,
+                                    _run_heads(out, start, length, count), run_lse.reshape(count * H, length),
+                                    None, scale)
+            for i, g in enumerate(grads):
+                _run_heads(dqkv[:, i], start, length, count).copy_(g)
+        return dqkv
+    dqkv = _new_grad(qkv)
+    q, k, v = _unpack(_unit_stride(qkv)[None])
+    dq, dk, dv = _unpack(dqkv[None])
+    dout_heads, out_heads = _unit_stride(dout)[None].transpose(1, 2), out[None].transpose(1, 2)
+    _kernels().attention_bwd(dout_heads, q, k, v, out_heads, lse, dq, dk, dv, scale=scale, allow_tf32=allow_tf32,
+                             cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+    return dqkv
+
+
+def _attention_varlen_backward_fake(dout, qkv, out, lse, cu_seqlens, max_seqlen, scale, allow_tf32):
+    return qkv.new_empty(qkv.shape)
+
+
+def _setup_attention_varlen(ctx, inputs, output):
+    qkv, cu_seqlens, max_seqlen, scale, allow_tf32 = inputs
+    out, lse = output
+    ctx.max_seqlen, ctx.scale, ctx.allow_tf32 = max_seqlen, scale, allow_tf32
+    ctx.save_for_backward(qkv, cu_seqlens, out, lse)
+    ctx.mark_non_differentiable(lse)
+
+
+def _attention_varlen_backward(ctx, dout, _dlse):
+    qkv, cu_seqlens, out, lse = ctx.saved_tensors
+    dqkv = call("attention_varlen_backward", dout, qkv, out, lse, cu_seqlens, ctx.max_seqlen, ctx.scale,
+                ctx.allow_tf32)
+    return dqkv, None, None, None, None
+
+
+define("attention_varlen_backward", _attention_varlen_backward_impl, _attention_varlen_backward_fake)
+define("attention_varlen", _attention_varlen_impl, _attention_varlen_fake, setup_context=_setup_attention_varlen,
+       backward=_attention_varlen_backward)
+
+
+def attention_varlen(qkv: Tensor, segments: Segments, *, scale: Optional[float] = None) -> Tensor:
+    """Block-diagonal self-attention over packed sequences: qkv (T, 3, H, d) → (T, H, d).
+
+    Token t attends to the tokens of its own sequence only (``segments``); this is how the
+    crops of different resolutions of a DINO step run through one transformer pass.
+    """
+    C.check_floating("qkv", qkv)
+    if qkv.dim() != 4 or qkv.shape[1] != 3:
+        raise ValueError(f"qkv must have shape (tokens, 3, heads, head_dim), got {tuple(qkv.shape)}")
+    if not isinstance(segments, Segments):
+        raise TypeError(f"segments must be a fastvision.ops.Segments, got {type(segments).__name__}")
+    if segments.total != qkv.shape[0]:
+        raise ValueError(f"segments cover {segments.total} tokens but qkv has {qkv.shape[0]}")
+    (qkv,) = C.autocast_cast(C.autocast_dtype_for(qkv.device.type, "lower"), qkv)
+    scale = qkv.shape[-1] ** -0.5 if scale is None else float(scale)
+    if varlen_decline(qkv, scale) is not None:
+        return _eager_varlen(qkv, segments, scale)
+    cu_seqlens = segments.cu_seqlens.to(qkv.device)
+    out, _ = call("attention_varlen", qkv, cu_seqlens, segments.max_length, scale, _allow_tf32())
+    return out
+
+
+def varlen_decline(qkv: Tensor, scale: Optional[float] = None) -> Optional[str]:
+    """Why the fused variable-length kernel will not run on this packed qkv (None: it will)."""
+    return attention_decline(qkv, scale=scale)
