@@ -7,12 +7,15 @@ token and optional register tokens), head dims 64 and 128, batch x heads sized t
 its rate is TFLOP/s (4*B*H*N^2*d forward, 2.5x that backward) as a fraction of the bf16 matmul
 ceiling. The memory-bound ops (LayerNorm, residual + LayerNorm, softmax, GELU, bias + GELU) run over
 ViT-S/B/L widths and B*197 tokens; their rate is GB/s (each input read once, each output written
-once) as a fraction of the device-to-device copy ceiling. Before a case is timed, fastvision's output
-(and gradients, for fwd+bwd) is compared with a float32 reference; a case that fails is not timed.
+once) as a fraction of the device-to-device copy ceiling. The DINO loss runs over a DINO step's head
+outputs (B=64 images per GPU, 2 global + 10 local crops, K=65536), also in GB/s. Before a case is
+timed, fastvision's output (and gradients, for fwd+bwd) is compared with a float32 reference; a case
+that fails is not timed.
 Writes DIR/micro.json and DIR/micro.png (speedup of fastvision over each baseline, per op).
 """
 import argparse
 import contextlib
+import functools
 import itertools
 import math
 import os
@@ -26,7 +29,8 @@ import torch.nn.functional as F
 
 from . import common
 
-OPS = ("attention", "attention_qkvpacked", "layer_norm", "add_layer_norm", "softmax", "gelu", "bias_gelu")
+OPS = ("attention", "attention_qkvpacked", "attention_varlen", "layer_norm", "add_layer_norm", "softmax", "gelu",
+       "bias_gelu", "dino_loss")
 MODES = ("fwd", "fwd+bwd")
 EPS = 1e-6
 TOKENS_PER_IMAGE = 197  # ViT /16 at 224 px with the CLS token
@@ -171,6 +175,58 @@ def attention_cases(args, device, dtype) -> List[Case]:
     return cases
 
 
+# --------------------------------------------------------------------------- packed multi-crop attention
+
+DINO_CROPS = ((224, 2), (96, 10))  # (image size, crops per image) of a DINO step at patch 16
+
+
+def _per_resolution_runs(images: int, patch: int = 16) -> List[Tuple[int, int]]:
+    """(tokens per crop, number of crops) for each crop resolution of ``images`` images."""
+    return [((size // patch) ** 2 + 1, count * images) for size, count in DINO_CROPS]
+
+
+def _run_views(qkv, runs):
+    """(count, n, 3, H, d) views of each run of equal-length sequences in a packed (T, 3, H, d) qkv."""
+    views, start = [], 0
+    for n, count in runs:
+        views.append(qkv[start:start + n * count].view(count, n, *qkv.shape[1:]))
+        start += n * count
+    return views
+
+
+def attention_varlen_cases(args, device, dtype) -> List[Case]:
+    """DINO's crops (2 x 197 + 10 x 37 tokens per image) in one packed call vs one SDPA call per resolution."""
+    ours_op, ours_error = _fastvision_op("attention_varlen")
+    images = 2 if args.smoke else 64
+    heads, d = (2, 16) if args.smoke else (6, 64)
+    runs = _per_resolution_runs(images)
+    lengths = [n for n, count in runs for _ in range(count)]
+    segments = None
+    if ours_op is not None:
+        from fastvision.ops import Segments
+        segments = Segments.from_lengths(lengths, device)
+    total = sum(lengths)
+
+    def make():
+        return [torch.randn(total, 3, heads, d, device=device, dtype=dtype)]
+
+    def reference(qkv):
+        return torch.cat([eager_attention_packed(v).reshape(-1, heads, d) for v in _run_views(qkv, runs)])
+
+    def per_resolution_sdpa(qkv):
+        """DINO's MultiCropWrapper: one SDPA call per resolution (the final cat, ~1% here, keeps one output)."""
+        return torch.cat([sdpa_packed(v).reshape(-1, heads, d) for v in _run_views(qkv, runs)])
+
+    ours = None if ours_op is None else (lambda qkv: ours_op(qkv, segments))
+    flops = 4 * heads * d * sum(n * n for n in lengths)
+    return [Case(
+        op="attention_varlen", mode=mode, params=dict(images=images, H=heads, d=d, runs=runs, tokens=total),
+        x=total, panel=f"attention_varlen {mode}", series="", make_inputs=make, differentiable=(0,),
+        reference=reference, ours=ours, ours_error=ours_error,
+        baselines={"sdpa_per_resolution": per_resolution_sdpa},
+        work=flops * (3.5 if mode == "fwd+bwd" else 1.0), unit="TFLOP/s") for mode in MODES]
+
+
 # --------------------------------------------------------------------------- memory-bound ops
 
 def eager_layer_norm(x, w, b):
@@ -266,6 +322,48 @@ def _param(size: int, device, dtype, center: float) -> torch.Tensor:
     return (center + 0.1 * torch.randn(size, device=device)).to(dtype)
 
 
+# --------------------------------------------------------------------------- DINO loss
+
+DINO_STUDENT_TEMP, DINO_TEACHER_TEMP = 0.1, 0.04
+
+
+def eager_dino_loss(student, teacher, center, ncrops: int = 12):
+    """fastvision.dino.DINOLoss's eager math (without the centre update)."""
+    dtype = torch.promote_types(student.dtype, torch.float32)
+    log_p = F.log_softmax(student.to(dtype) / DINO_STUDENT_TEMP, dim=-1)
+    log_p = log_p.view(ncrops, -1, log_p.shape[-1])
+    q = F.softmax((teacher.detach().to(dtype) - center) / DINO_TEACHER_TEMP, dim=-1).view(-1, *log_p.shape[1:])
+    sum_log_p = log_p.sum(0)
+    total = sum(-(q[i] * (sum_log_p - log_p[i])).sum(-1).mean() for i in range(q.shape[0]))
+    return total / (q.shape[0] * (ncrops - 1))
+
+
+def dino_loss_cases(args, device, dtype) -> List[Case]:
+    ours_op, ours_error = _fastvision_op("dino_loss")
+    batch, ncrops, out_dim = (2, 4, 257) if args.smoke else (64, 12, 65536)
+    n_global = 2
+    eager = functools.partial(eager_dino_loss, ncrops=ncrops)
+    ours = None if ours_op is None else (lambda s, t, c: ours_op(
+        s, t, c, ncrops=ncrops, student_temp=DINO_STUDENT_TEMP, teacher_temp=DINO_TEACHER_TEMP))
+
+    def make():
+        return [torch.randn(ncrops * batch, out_dim, device=device, dtype=dtype),
+                torch.randn(n_global * batch, out_dim, device=device, dtype=dtype),
+                0.1 * torch.randn(1, out_dim, device=device)]
+
+    cases = []
+    for mode in MODES:
+        # fwd reads student and teacher; bwd reads them again and writes the student gradient.
+        rows = (ncrops + n_global) * (2 if mode == "fwd+bwd" else 1) + (ncrops if mode == "fwd+bwd" else 0)
+        cases.append(Case(
+            op="dino_loss", mode=mode, params=dict(shape=[ncrops * batch, out_dim], B=batch, ncrops=ncrops,
+                                                   K=out_dim),
+            x=batch, panel=f"dino_loss {mode}", series=f" ncrops{ncrops}", make_inputs=make, differentiable=(0,),
+            reference=eager, ours=ours, ours_error=ours_error, baselines={"eager": eager},
+            work=rows * batch * out_dim * torch.finfo(dtype).bits / 8, unit="GB/s"))
+    return cases
+
+
 # --------------------------------------------------------------------------- compile baselines
 
 def wants_compile(case: Case, policy: str, first_head_dim: int) -> bool:
@@ -277,6 +375,8 @@ def wants_compile(case: Case, policy: str, first_head_dim: int) -> bool:
         return case.params["d"] == first_head_dim and case.params["N"] in (197, 785)
     if case.op == "attention_qkvpacked":
         return False
+    if case.op == "dino_loss":
+        return True
     return case.params["width"] == 768 and case.params["B"] == 256
 
 
@@ -444,7 +544,9 @@ def interleave(groups: List[List[Case]]) -> List[Case]:
 
 def build_cases(args, device, dtype) -> List[Case]:
     attention = attention_cases(args, device, dtype) if {"attention", "attention_qkvpacked"} & set(args.ops) else []
+    attention += attention_varlen_cases(args, device, dtype) if "attention_varlen" in args.ops else []
     memory = memory_cases(args, device, dtype)
+    memory += dino_loss_cases(args, device, dtype) if "dino_loss" in args.ops else []
     if not args.smoke:
         add_compile_baselines(attention + memory, args.compile, args.head_dims[0])
     groups = [[c for c in attention + memory if c.op == op] for op in OPS]
@@ -453,6 +555,9 @@ def build_cases(args, device, dtype) -> List[Case]:
 
 def shape_label(record) -> str:
     p = record["params"]
+    if record["op"] == "attention_varlen":
+        return f"{p['images']} img x " + "+".join(f"{count // p['images']}x{n}" for n, count in p["runs"]) + \
+            f" H{p['H']} d{p['d']}"
     if record["op"].startswith("attention"):
         return f"B{p['B']} H{p['H']} N{p['N']} d{p['d']}"
     return "x".join(str(s) for s in p["shape"])

@@ -83,17 +83,47 @@ def resolution_groups(crops: Sequence[torch.Tensor]) -> List[List[torch.Tensor]]
 
 
 class MultiCropWrapper(nn.Module):
-    """backbone + head over a list of crops: one backbone pass per run of same-resolution crops,
-    the head once over all the features (in crop order: crop 0 of every image, then crop 1, ...)."""
+    """backbone + head over a list of crops, the head once over all the features (in crop order:
+    crop 0 of every image, then crop 1, ...).
 
-    def __init__(self, backbone: nn.Module, head: nn.Module):
+    Crops of several resolutions run through a patched timm ViT in one packed pass
+    (``fastvision.packing``: every crop's tokens in one stream, block-diagonal attention), or as
+    DINO does it, one backbone pass per run of same-resolution crops. ``packed``: None packs
+    whenever ``fastvision.packing.can_pack(backbone)`` allows (checked at each forward: it depends
+    on train()/eval()), True packs or raises an error that says why it cannot, False never packs.
+    Crops of a single resolution are one backbone pass either way.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, packed: Optional[bool] = None):
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.packed = packed
+
+    def why_not_packed(self) -> Optional[str]:
+        """Why crops of several resolutions would not run packed now (None: they would)."""
+        if self.packed is False:
+            return "packing switched off (packed=False)"
+        from fastvision.packing import can_pack
+
+        return can_pack(self.backbone)
+
+    def _use_packing(self, groups: List[List[torch.Tensor]]) -> bool:
+        if len(groups) < 2 or self.packed is False:  # a single resolution is one pass already
+            return False
+        reason = self.why_not_packed()
+        if reason is not None and self.packed:
+            raise ValueError(f"MultiCropWrapper(packed=True) cannot pack its backbone: {reason}")
+        return reason is None
 
     def forward_backbone(self, crops: Sequence[torch.Tensor]) -> torch.Tensor:
+        groups = resolution_groups(crops)
+        if self._use_packing(groups):
+            from fastvision.packing import packed_features
+
+            return packed_features(self.backbone, [torch.cat(group) for group in groups], pre_logits=False)
         features = []
-        for group in resolution_groups(crops):
+        for group in groups:
             out = self.backbone(torch.cat(group))
             features.append(out[0] if isinstance(out, tuple) else out)
         return torch.cat(features)
@@ -123,12 +153,15 @@ class DINOLoss(nn.Module):
     student distributions of every other crop, averaged over the pairs; then the centre's EMA update.
 
     ``student_output``: (ncrops·B, K), crop-major; ``teacher_output``: (n_global·B, K).
+    ``fused``: fastvision.ops.dino_loss (one pass over K per direction) where it can run (None),
+    always (True: an error says why it cannot), or never (False: the eager code below).
     """
 
     def __init__(self, out_dim: int, ncrops: int, warmup_teacher_temp: float, teacher_temp: float,
                  warmup_teacher_temp_epochs: int, nepochs: int, student_temp: float = 0.1,
-                 center_momentum: float = 0.9, n_global_crops: int = 2):
+                 center_momentum: float = 0.9, n_global_crops: int = 2, fused: Optional[bool] = None):
         super().__init__()
+        self.fused = fused
         self.ncrops = ncrops
         self.n_global_crops = n_global_crops
         self.student_temp = student_temp
@@ -141,6 +174,26 @@ class DINOLoss(nn.Module):
         return self.teacher_temp_schedule[min(epoch, len(self.teacher_temp_schedule) - 1)]
 
     def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int) -> torch.Tensor:
+        if self._runs_fused(student_output, teacher_output):
+            from fastvision.ops.dino_loss import dino_loss
+
+            loss = dino_loss(student_output, teacher_output, self.center, ncrops=self.ncrops,
+                             student_temp=self.student_temp, teacher_temp=self.teacher_temp(epoch))
+            self.update_center(teacher_output)
+            return loss
+        return self.eager_forward(student_output, teacher_output, epoch)
+
+    def _runs_fused(self, student_output: torch.Tensor, teacher_output: torch.Tensor) -> bool:
+        if self.fused is False:
+            return False
+        from fastvision.ops.dino_loss import dino_loss_decline
+
+        reason = dino_loss_decline(student_output, teacher_output, self.center, ncrops=self.ncrops)
+        if reason is not None and self.fused:
+            raise ValueError(f"DINOLoss(fused=True) cannot run the fused loss: {reason}")
+        return reason is None
+
+    def eager_forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int) -> torch.Tensor:
         dtype = _loss_dtype(student_output)
         log_p = F.log_softmax(student_output.to(dtype) / self.student_temp, dim=-1)
         log_p = log_p.view(self.ncrops, -1, log_p.shape[-1])
@@ -155,7 +208,8 @@ class DINOLoss(nn.Module):
 
     @torch.no_grad()
     def update_center(self, teacher_output: torch.Tensor) -> None:
-        batch_sum = teacher_output.to(self.center.dtype).sum(dim=0, keepdim=True)
+        # Summed in the centre's dtype as it is read: no float32 copy of the teacher output.
+        batch_sum = teacher_output.sum(dim=0, keepdim=True, dtype=self.center.dtype)
         rows = teacher_output.shape[0]
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(batch_sum)

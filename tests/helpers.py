@@ -37,3 +37,20 @@ def check_against_float64(fn: Callable, ref_fn: Callable, inputs, grad_out, dtyp
         if ref_g is not None:
             assert g is not None, f"no gradient for {name}"
             assert_close(g, ref_g, dtype, name=f"grad of {name}")
+
+
+def reference_dino_loss(student, teacher, center, ncrops, student_temp, teacher_temp, n_global=None):
+    """DINO's loss as its authors wrote it: every (teacher global crop, other student crop) pair."""
+    import torch.nn.functional as F
+
+    s = [c / student_temp for c in student.chunk(ncrops)]
+    n_global = n_global or teacher.shape[0] // s[0].shape[0]
+    t = [F.softmax((c - center) / teacher_temp, dim=-1) for c in teacher.chunk(n_global)]
+    total, pairs = 0.0, 0
+    for iq, q in enumerate(t):
+        for v, s_v in enumerate(s):
+            if v == iq:
+                continue
+            total = total + torch.sum(-q * F.log_softmax(s_v, dim=-1), dim=-1).mean()
+            pairs += 1
+    return total / pairs

@@ -39,7 +39,7 @@ def test_micro_smoke_writes_json_with_environment_and_ceilings(micro_run):
 def test_micro_smoke_checks_then_times_every_memory_bound_op(micro_run):
     _, payload = micro_run
     for r in payload["results"]:
-        if r["op"].startswith("attention"):
+        if r["op"].startswith("attention") or r["op"] == "dino_loss":
             continue
         assert r["status"] == "ok", r
         assert r["correctness"]["passed"] and r["correctness"]["rel_err"] <= common.tolerance(torch.float32)
@@ -54,6 +54,18 @@ def test_micro_smoke_checks_then_times_every_memory_bound_op(micro_run):
         if r["op"] == "add_layer_norm" and r["mode"] == "fwd+bwd":
             per_element = 8
         assert r["work"] == pytest.approx(per_element * n_main * 4)
+
+
+def test_micro_smoke_dino_loss_is_checked_then_timed(micro_run):
+    _, payload = micro_run
+    runs = [r for r in payload["results"] if r["op"] == "dino_loss"]
+    assert {r["mode"] for r in runs} == {"fwd", "fwd+bwd"}
+    for r in runs:
+        assert r["status"] == "ok", r
+        assert r["correctness"]["passed"] and r["correctness"]["rel_err"] <= common.tolerance(torch.float32)
+        assert r["timings"]["fastvision"]["ms"] > 0 and r["timings"]["eager"]["ms"] > 0
+        rows = {"fwd": 4 + 2, "fwd+bwd": 2 * (4 + 2) + 4}[r["mode"]]
+        assert r["work"] == pytest.approx(rows * r["params"]["B"] * r["params"]["K"] * 4)
 
 
 def test_micro_smoke_attention_is_timed_or_reported_missing(micro_run):

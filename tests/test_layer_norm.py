@@ -1,6 +1,5 @@
 import pytest
 import torch
-import torch.nn.functional as F
 
 import fastvision
 from fastvision.modules import LayerNorm

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from fastvision import _extension, ops
+from fastvision import ops
 from fastvision.ops import conv as conv_ops
 
 _FROZEN_BN_CLASSES = ("FrozenBatchNorm2d",)

@@ -7,7 +7,6 @@ BatchNorm of the block uses batch statistics (training), the original forward ru
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
-import torch
 from torch import Tensor, nn
 
 from .conv import _FusionOwner, _uses_batch_stats, bn_decline, conv_decline, fusion_for, is_relu

@@ -31,17 +31,50 @@ class Block(nn.Module):
         self.fuse_residual_norm = fuse_residual_norm
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
+        """``attn_mask`` may be a ``fastvision.ops.Segments`` (x: packed sequences, (1, T, C)): drop path
+        then keeps or drops each sequence as a whole, as it does each sample of a batch."""
         if isinstance(self.norm1, LayerNorm):
             y = self.norm1(x, out_dtype=_linear_input_dtype(x, self.attn, "qkv"))
         else:
             y = self.norm1(x)
-        a = self.drop_path1(self.ls1(self.attn(y, attn_mask=attn_mask, is_causal=is_causal)))
+        a = self._drop_path(self.drop_path1, self.ls1(self.attn(y, attn_mask=attn_mask, is_causal=is_causal)),
+                            attn_mask)
         if self.fuse_residual_norm and isinstance(self.norm2, LayerNorm):
             y, x = self.norm2.forward_add(x, a, out_dtype=_linear_input_dtype(x, self.mlp, "fc1"))
         else:
             x = x + a
             y = self.norm2(x)
-        return x + self.drop_path2(self.ls2(self.mlp(y)))
+        return x + self._drop_path(self.drop_path2, self.ls2(self.mlp(y)), attn_mask)
+
+    def _drop_path(self, drop_path: nn.Module, x: torch.Tensor, attn_mask) -> torch.Tensor:
+        if not isinstance(attn_mask, ops.Segments) or not drop_path.training or isinstance(drop_path, nn.Identity):
+            return drop_path(x)
+        if not is_drop_path(drop_path):
+            raise NotImplementedError(f"{type(drop_path).__name__} cannot act per packed sequence")
+        return drop_path_per_segment(x, attn_mask, drop_path.drop_prob, drop_path.scale_by_keep)
+
+
+def is_drop_path(module: nn.Module) -> bool:
+    """timm's DropPath (per-sample stochastic depth), which Block can apply per packed sequence."""
+    try:
+        from timm.layers import DropPath
+    except ImportError:
+        return False
+    return type(module).forward is DropPath.forward
+
+
+def drop_path_per_segment(x: torch.Tensor, segments: "ops.Segments", drop_prob: float,
+                          scale_by_keep: bool = True) -> torch.Tensor:
+    """timm's drop_path with one keep/drop draw per packed sequence instead of per batch row: x (1, T, C)."""
+    if drop_prob == 0.0:
+        return x
+    keep_prob = 1.0 - drop_prob
+    keep = x.new_empty(len(segments.lengths)).bernoulli_(keep_prob)
+    if keep_prob > 0.0 and scale_by_keep:
+        keep.div_(keep_prob)
+    lengths = segments.cu_seqlens.to(x.device).diff()
+    per_token = keep.repeat_interleave(lengths, output_size=x.shape[-2])  # output_size: no host sync
+    return x * per_token.view(1, -1, 1)
 
 
 def _linear_input_dtype(x: torch.Tensor, consumer: nn.Module, linear_name: str) -> Optional[torch.dtype]:

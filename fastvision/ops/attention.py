@@ -323,13 +323,15 @@ class Segments:
 
     @classmethod
     def from_lengths(cls, lengths: Sequence[int], device=None) -> "Segments":
+        """Offsets reach a CUDA device through a pinned, asynchronous copy: no host sync per step."""
         lengths = tuple(int(n) for n in lengths)
         if not lengths or min(lengths) < 1:
             raise ValueError(f"segment lengths must be positive, got {lengths}")
-        offsets = [0]
-        for n in lengths:
-            offsets.append(offsets[-1] + n)
-        return cls(lengths, torch.tensor(offsets, dtype=torch.int32, device=device))
+        offsets = torch.tensor((0,) + lengths, dtype=torch.int32).cumsum_(0)
+        device = torch.device(device) if device is not None else offsets.device
+        if device.type == "cuda":
+            offsets = offsets.pin_memory().to(device, non_blocking=True)
+        return cls(lengths, offsets.to(device))
 
     @property
     def total(self) -> int:

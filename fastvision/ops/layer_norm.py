@@ -4,7 +4,7 @@
 ``add_layer_norm(x, residual, ...)`` returns (LN(x + residual), x + residual): the
 sum is the next residual stream, so a transformer block reads it once.
 """
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
