@@ -8,7 +8,7 @@
 # benchmarks exist). Every step runs under `timeout` and a failing step does not stop the next.
 #
 # Environment:
-#   SUITE_STEPS       comma-separated steps to run (default env,build,tests,micro,models,hooks,verify),
+#   SUITE_STEPS       comma-separated steps to run (default env,build,tests,host,micro,models,hooks,verify),
 #                     e.g. SUITE_STEPS=env,build,tests,micro then SUITE_STEPS=build,models,hooks
 #   GPU_TEST_SECONDS  time limit of the GPU test run (default 150)
 #   MICRO_SECONDS     --max-seconds of the micro benchmark (default 120)
@@ -22,7 +22,7 @@ OUT="$(cd "$OUT" && pwd)"
 cd "$(dirname "$0")/.."
 
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
-STEPS=",${SUITE_STEPS:-env,build,tests,micro,models,hooks,verify},"
+STEPS=",${SUITE_STEPS:-env,build,tests,host,micro,models,hooks,verify},"
 GPU_TEST_SECONDS="${GPU_TEST_SECONDS:-150}"
 MICRO_SECONDS="${MICRO_SECONDS:-120}"
 MODELS_SECONDS="${MODELS_SECONDS:-170}"
@@ -113,6 +113,10 @@ if wants hooks; then
       run_step "$hook" 240 "$OUT/bench.log" "$PY" -m "benchmarks.$hook" --quick --out "$OUT/$out_name.json"
     fi
   done
+fi
+
+if wants host; then  # host time per fused call vs eager (what limited the patched models on 2026-11-26)
+  run_step host 120 "$OUT/bench.log" "$PY" -m benchmarks.host_overhead --out "$OUT/host_overhead.json"
 fi
 
 if wants verify; then  # fastvision.verify on full-size ViT-S/16 and ViT-B/16 in bf16 on the GPU

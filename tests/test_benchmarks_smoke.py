@@ -160,3 +160,13 @@ def test_table_and_json_helpers(tmp_path, capsys):
 def test_gpu_suite_script_parses():
     script = os.path.join(REPO, "benchmarks", "gpu_suite.sh")
     assert subprocess.run(["bash", "-n", script]).returncode == 0
+
+
+def test_host_overhead_smoke(tmp_path):
+    from benchmarks import host_overhead
+
+    result = host_overhead.main(["--smoke", "--out", str(tmp_path / "host.json")])
+    ops = {(r["op"], r["mode"]) for r in result["results"]}
+    assert ("layer_norm", "fwd") in ops and ("attention_qkvpacked", "fwd+bwd") in ops
+    assert all(r["fastvision_us"] > 0 and r["eager_us"] > 0 for r in result["results"])
+    assert (tmp_path / "host.json").exists()
