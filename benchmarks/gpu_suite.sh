@@ -92,7 +92,7 @@ if wants tests; then
   per_test=()
   "$PY" -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 120)
   run_step tests "$GPU_TEST_SECONDS" "$OUT/gpu_tests.log" \
-    "$PY" -m pytest tests -m gpu -q -x -p no:cacheprovider "${per_test[@]}" --junitxml "$OUT/gpu_tests.xml"
+    "$PY" -m pytest tests -m gpu -q --maxfail=20 -p no:cacheprovider "${per_test[@]}" --junitxml "$OUT/gpu_tests.xml"
   tail -3 "$OUT/gpu_tests.log" | sed 's/^/   tests: /'
 fi
 
