@@ -304,3 +304,51 @@ def test_every_autotune_config_is_correct(kernel, monkeypatch):
             except Exception as exc:  # out of shared memory: autotuning skips such configurations too
                 if "OutOfResources" not in type(exc).__name__:
                     raise
+
+
+def test_tuning_picks_the_fastest_fitting_configuration_once(monkeypatch):
+    """The CUDA tuning cache (exercised here with a fake timer): fastest wins, out-of-resources skipped, cached."""
+    import triton
+
+    from fastvision.triton_kernels import attention as kernels
+
+    candidates = kernels.candidate_configs(kernels.attention_fwd_kernel, 197, 64, 2)
+    assert candidates and all(
+        kernels.shared_memory_estimate(kernels.attention_fwd_kernel, c, 64, 2) <= kernels.SHARED_MEMORY_BUDGET
+        and c.kwargs["BLOCK_M"] <= 256 for c in candidates)
+    fast, broken = candidates[-1], candidates[0]
+    timings = {id(c): 1.0 + i for i, c in enumerate(candidates)}
+    timings[id(fast)] = 0.1
+    calls = []
+
+    def fake_do_bench(fn, **kwargs):
+        return fn()
+
+    def launch(cfg):
+        calls.append(cfg)
+        if cfg is broken:
+            raise triton.runtime.errors.OutOfResources(300000, 232448, "shared memory")
+        return timings[id(cfg)]
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    monkeypatch.setattr(kernels, "_TUNED", {})
+    assert kernels._timed_choice("key", candidates, launch) is fast
+    assert len(calls) == len(candidates)
+    assert kernels._timed_choice("key", candidates, launch) is fast and len(calls) == len(candidates)
+
+
+def test_candidates_fit_shared_memory_for_every_dtype_and_head_dim():
+    from fastvision.triton_kernels import attention as kernels
+
+    for kernel in kernels.CONFIGS:
+        for element_bytes in (2, 4, 8):
+            for d in (32, 64, 80, 96, 128):
+                d_pad = kernels.head_dim_padded(d)
+                for n in (1, 37, 197, 4096):
+                    configs = kernels.candidate_configs(kernel, n, d_pad, element_bytes)
+                    assert configs
+                    chosen = kernels.heuristic_config(kernel, n, d, d_pad, element_bytes)
+                    assert chosen in configs
+                    fits = [kernels.shared_memory_estimate(kernel, c, d_pad, element_bytes)
+                            <= kernels.SHARED_MEMORY_BUDGET for c in configs]
+                    assert all(fits) or configs == [kernels.SMALLEST_CONFIG]
