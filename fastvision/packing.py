@@ -105,11 +105,6 @@ def _embed(vit: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return vit.norm_pre(x)
 
 
-def packed_segments(lengths: Sequence[int], device: torch.device) -> "ops.Segments":
-    """Segments whose offsets reach the device without a host sync (pinned, asynchronous copy)."""
-    return ops.Segments.from_lengths(lengths, device)
-
-
 def _run_blocks(vit: nn.Module, x: torch.Tensor, segments: "ops.Segments") -> torch.Tensor:
     checkpointing = getattr(vit, "grad_checkpointing", False) and torch.is_grad_enabled()
     for block in vit.blocks:
@@ -135,7 +130,7 @@ def packed_features(vit: nn.Module, groups: Sequence[torch.Tensor], *, pre_logit
         dtype = torch.promote_types(dtype, x.dtype)
     lengths: List[int] = [x.shape[1] for x in embedded for _ in range(x.shape[0])]
     stream = torch.cat([x.to(dtype).reshape(-1, x.shape[-1]) for x in embedded]).unsqueeze(0)
-    stream = vit.norm(_run_blocks(vit, stream, packed_segments(lengths, stream.device)))
+    stream = vit.norm(_run_blocks(vit, stream, ops.Segments.from_lengths(lengths, stream.device)))
     # Back to (n_i, L_i, C) per resolution: timm's own pooling (token, avg, map, ...) then applies as is.
     sizes = [x.shape[0] * x.shape[1] for x in embedded]
     per_group = stream[0].split(sizes)

@@ -27,7 +27,7 @@ class Attention(nn.Module):
             if isinstance(child, nn.Module):
                 setattr(new, name, child)
             else:
-                setattr(new, name, nn.Identity() if name not in ("gate",) else None)
+                setattr(new, name, None if name == "gate" else nn.Identity())
         new.num_heads = attn.num_heads
         new.head_dim = attn.head_dim
         new.attn_dim = getattr(attn, "attn_dim", attn.num_heads * attn.head_dim)

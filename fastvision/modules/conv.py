@@ -15,6 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from fastvision import ops
+from fastvision.ops import _common as ops_common
+from fastvision.ops._dispatch import is_compiling
 from fastvision.ops import conv as conv_ops
 
 _FROZEN_BN_CLASSES = ("FrozenBatchNorm2d",)
@@ -66,11 +68,6 @@ def _bn_eager(bn: nn.Module, y: Tensor) -> Tensor:
     return bn.batch_norm(y) if isinstance(bn, FoldedBatchNorm2d) else bn(y)
 
 
-def _is_compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
-
-
 class ConvBnFusion:
     """conv -> bn (-> + residual) (-> ReLU) over existing modules; not an nn.Module (owns no state_dict)."""
 
@@ -114,11 +111,11 @@ class ConvBnFusion:
             None if t is None else (t._version, t.data_ptr(), t.device) for t in sources)
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1], self._cache[2]
-        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        acc = ops_common.accumulator_dtype(dtype)
         with torch.no_grad():
             weight, bias = ops.fold_batchnorm(*sources, float(bn.eps), out_dtype=torch.float64)
         weight, bias = weight.to(dtype).contiguous(memory_format=memory_format), bias.to(acc)
-        if not _is_compiling():
+        if not is_compiling():
             self._cache = (key, weight, bias)
         return weight, bias
 
@@ -156,7 +153,7 @@ class ConvBnFusion:
         dtype = self.compute_dtype(x)
         x = x.to(dtype)
         if self._needs_grad(x):
-            scale, shift = self.frozen_affine(torch.float64 if dtype == torch.float64 else torch.float32)
+            scale, shift = self.frozen_affine(ops_common.accumulator_dtype(dtype))
             return ops.conv_bn_act(x, self.conv.weight.to(dtype), scale, shift, residual, relu=relu,
                                    **self._conv_args())
         weight, bias = self.folded(dtype, conv_ops.output_memory_format(x))

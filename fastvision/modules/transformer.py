@@ -72,8 +72,7 @@ def drop_path_per_segment(x: torch.Tensor, segments: "ops.Segments", drop_prob: 
     keep = x.new_empty(len(segments.lengths)).bernoulli_(keep_prob)
     if keep_prob > 0.0 and scale_by_keep:
         keep.div_(keep_prob)
-    lengths = segments.cu_seqlens.to(x.device).diff()
-    per_token = keep.repeat_interleave(lengths, output_size=x.shape[-2])  # output_size: no host sync
+    per_token = keep.repeat_interleave(segments.device_lengths.to(x.device), output_size=x.shape[-2])  # output_size: no host sync
     return x * per_token.view(1, -1, 1)
 
 

@@ -39,6 +39,11 @@ def dtype_decline(x: torch.Tensor, allowed: Sequence[torch.dtype] = FLOATING_DTY
     return None
 
 
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics, sums and eager reference math run in float32, float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def first_decline(*reasons: Optional[str]) -> Optional[str]:
     return next((r for r in reasons if r is not None), None)
 

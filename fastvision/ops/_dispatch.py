@@ -50,7 +50,7 @@ def define(name: str, impl: Callable, fake: Callable, *, setup_context: Optional
     return op
 
 
-def _is_compiling() -> bool:
+def is_compiling() -> bool:
     compiler = getattr(torch, "compiler", None)
     if compiler is not None and hasattr(compiler, "is_compiling"):
         return compiler.is_compiling()
@@ -64,7 +64,7 @@ def _functorch_active() -> bool:
 
 def tracing(args) -> bool:
     """True when the op must go through the dispatcher: compilation, fake tensors, modes, transforms."""
-    if _is_compiling() or _get_current_dispatch_mode() is not None or _functorch_active():
+    if is_compiling() or _get_current_dispatch_mode() is not None or _functorch_active():
         return True
     return any(isinstance(a, torch.Tensor) and type(a) not in _PLAIN_TENSOR_TYPES for a in args)
 

@@ -11,7 +11,7 @@ float32 inputs use TF32 matrix products on the GPU when
 """
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -30,10 +30,6 @@ def _kernels():
     return C.triton_kernels.attention
 
 
-def _acc_dtype(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def _allow_tf32() -> bool:
     return bool(torch.backends.cuda.matmul.allow_tf32)
 
@@ -41,7 +37,7 @@ def _allow_tf32() -> bool:
 # --- eager math (CPU without the interpreter; also the reference for the op's contract) --------
 
 def _eager_scores(q, k, bias, scale):
-    acc = _acc_dtype(q)
+    acc = C.accumulator_dtype(q.dtype)
     s = (q.to(acc) @ k.to(acc).transpose(-2, -1)) * scale
     return s if bias is None else s + bias.to(acc)
 
@@ -85,7 +81,7 @@ def _attention_impl(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], sca
 
 def _attention_fake(q, k, v, bias, scale, n_rows, allow_tf32):
     B, H, N, _ = q.shape
-    return q.new_empty(q.shape), q.new_empty((B * H, N), dtype=_acc_dtype(q)), q.new_empty((B, H, n_rows, N))
+    return q.new_empty(q.shape), q.new_empty((B * H, N), dtype=C.accumulator_dtype(q.dtype)), q.new_empty((B, H, n_rows, N))
 
 
 def _attention_backward_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
@@ -145,7 +141,7 @@ def _attention_qkvpacked_impl(qkv: Tensor, bias: Optional[Tensor], scale: float,
 
 def _attention_packed_fake(qkv, bias, scale, n_rows, allow_tf32):
     B, N, _, H, d = qkv.shape
-    lse = qkv.new_empty((B * H, N), dtype=_acc_dtype(qkv))
+    lse = qkv.new_empty((B * H, N), dtype=C.accumulator_dtype(qkv.dtype))
     return qkv.new_empty((B, N, H, d)), lse, qkv.new_empty((B, H, n_rows, N))
 
 
@@ -333,13 +329,15 @@ class Segments:
             offsets = offsets.pin_memory().to(device, non_blocking=True)
         return cls(lengths, offsets.to(device))
 
-    @property
-    def total(self) -> int:
-        return sum(self.lengths)
+    # Derived once here, read by every block of a packed forward.
+    total: int = field(init=False)
+    max_length: int = field(init=False)
+    device_lengths: Tensor = field(init=False, compare=False, repr=False)  # on the offsets' device
 
-    @property
-    def max_length(self) -> int:
-        return max(self.lengths)
+    def __post_init__(self):
+        object.__setattr__(self, "total", sum(self.lengths))
+        object.__setattr__(self, "max_length", max(self.lengths))
+        object.__setattr__(self, "device_lengths", self.cu_seqlens.diff())
 
     def runs(self):
         """(start token, length, count) of each run of equal consecutive lengths."""
@@ -375,7 +373,7 @@ def _attention_varlen_impl(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, sca
                            ) -> Tuple[Tensor, Tensor]:
     T, _, H, d = qkv.shape
     if not C.use_triton(qkv):
-        out, lse = qkv.new_empty((T, H, d)), qkv.new_empty((H, T), dtype=_acc_dtype(qkv))
+        out, lse = qkv.new_empty((T, H, d)), qkv.new_empty((H, T), dtype=C.accumulator_dtype(qkv.dtype))
         for start, length, count in _runs_of(cu_seqlens):
             q, k, v = (_run_heads(qkv[:, i], start, length, count) for i in range(3))
             run_out, run_lse, _ = _eager_forward(q, k, v, None, scale, 0)
@@ -390,7 +388,7 @@ def _attention_varlen_impl(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, sca
 
 def _attention_varlen_fake(qkv, cu_seqlens, max_seqlen, scale, allow_tf32):
     T, _, H, d = qkv.shape
-    return qkv.new_empty((T, H, d)), qkv.new_empty((H, T), dtype=_acc_dtype(qkv))
+    return qkv.new_empty((T, H, d)), qkv.new_empty((H, T), dtype=C.accumulator_dtype(qkv.dtype))
 
 
 def _attention_varlen_backward_impl(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, cu_seqlens: Tensor,

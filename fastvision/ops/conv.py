@@ -51,10 +51,6 @@ def _channel(v: Tensor) -> Tensor:
     return v.reshape(1, -1, 1, 1)
 
 
-def _acc_dtype(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def _setup_context(ctx, inputs, output):
     x, weight, scale, shift, residual, stride, padding, dilation, groups, relu = inputs
     ctx.conv_args = (list(stride), list(padding), list(dilation), groups)
@@ -71,7 +67,7 @@ def _backward(ctx, grad: Tensor):
     needs = ctx.needs_input_grad
     if ctx.relu:
         grad = torch.ops.aten.threshold_backward(grad, out, 0)  # what eager ReLU's backward computes
-    acc = _acc_dtype(grad)
+    acc = C.accumulator_dtype(grad.dtype)
     grad_shift = grad.sum((0, 2, 3), dtype=acc).to(ctx.shift_dtype) if has_shift and needs[3] else None
     grad_scale = None
     if has_scale and needs[2]:
@@ -95,7 +91,7 @@ def conv_bn_act_reference(x: Tensor, weight: Tensor, scale: Optional[Tensor] = N
                           dilation: IntPair = 1, groups: int = 1, relu: bool = False) -> Tensor:
     """The op in eager torch: conv in the input dtype, epilogue in float32 (float64 for float64)."""
     y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
-    acc = _acc_dtype(y)
+    acc = C.accumulator_dtype(y.dtype)
     out = y.to(acc)
     if scale is not None:
         out = out * _channel(scale.to(acc))

@@ -65,13 +65,13 @@ def _bias_gelu_backward_impl(dy: Tensor, x: Tensor, bias: Tensor, approximate: s
     N = x.shape[-1]
     if not C.use_triton(x):
         dx = torch.ops.aten.gelu_backward(dy, x + bias, approximate=approximate).to(x.dtype)
-        return dx, dx.reshape(-1, N).sum(0, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+        return dx, dx.reshape(-1, N).sum(0, dtype=C.accumulator_dtype(x.dtype))
     dx, db = _kernels().bias_gelu_bwd(C.as_rows(dy, N), C.as_rows(x, N), bias.contiguous(), approximate == "tanh")
     return dx.view(x.shape), db
 
 
 def _bias_gelu_backward_fake(dy, x, bias, approximate):
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = C.accumulator_dtype(x.dtype)
     return x.new_empty(x.shape), x.new_empty(x.shape[-1], dtype=acc)
 
 

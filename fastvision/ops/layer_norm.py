@@ -17,12 +17,8 @@ def _kernels():
     return C.triton_kernels.layer_norm
 
 
-def _stats_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _eager_forward(h: Tensor, weight, bias, eps, out_dtype=None):
-    hf = h.to(_stats_dtype(h))
+    hf = h.to(C.accumulator_dtype(h.dtype))
     mean = hf.mean(-1)
     rstd = torch.rsqrt((hf - mean[..., None]).pow(2).mean(-1) + eps)
     y = (hf - mean[..., None]) * rstd[..., None]
@@ -43,7 +39,7 @@ def _layer_norm_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]
 
 
 def _layer_norm_fake(x, weight, bias, eps, out_dtype):
-    stats = x.new_empty(x.shape[:-1], dtype=_stats_dtype(x))
+    stats = x.new_empty(x.shape[:-1], dtype=C.accumulator_dtype(x.dtype))
     return x.new_empty(x.shape, dtype=out_dtype or x.dtype), stats, stats.new_empty(stats.shape)
 
 
@@ -61,7 +57,7 @@ def _add_layer_norm_impl(x: Tensor, residual: Tensor, weight: Optional[Tensor], 
 
 def _add_layer_norm_fake(x, residual, weight, bias, eps, out_dtype):
     h = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, residual.dtype))
-    stats = x.new_empty(x.shape[:-1], dtype=_stats_dtype(h))
+    stats = x.new_empty(x.shape[:-1], dtype=C.accumulator_dtype(h.dtype))
     return h.new_empty(h.shape, dtype=out_dtype or h.dtype), h, stats, stats.new_empty(stats.shape)
 
 
@@ -79,12 +75,12 @@ def _layer_norm_backward_impl(dy: Tensor, h: Tensor, weight: Optional[Tensor], m
 
 def _layer_norm_backward_fake(dy, h, weight, mean, rstd, skip_grad, needs_weight_grad):
     n = h.shape[-1] if needs_weight_grad else 0
-    acc = _stats_dtype(h)
+    acc = C.accumulator_dtype(h.dtype)
     return h.new_empty(h.shape), h.new_empty(n, dtype=acc), h.new_empty(n, dtype=acc)
 
 
 def _eager_backward(dy, h, weight, mean, rstd, skip_grad, needs_weight_grad):
-    acc = _stats_dtype(h)
+    acc = C.accumulator_dtype(h.dtype)
     xhat = (h.to(acc) - mean[..., None]) * rstd[..., None]
     dyf = dy.to(acc)
     g = dyf * weight.to(acc) if weight is not None else dyf

@@ -10,9 +10,8 @@ from torch import nn
 
 from fastvision.modules import GELU, LayerNorm, Softmax
 from fastvision.modules import transformer
+from fastvision.ops.attention import MAX_HEAD_DIM
 from .rules import Rule
-
-MAX_HEAD_DIM = 128
 
 
 def _timm_forwards(*paths: str) -> Tuple[Callable, ...]:
