@@ -24,11 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import new_output, next_power_of_2, pointer
+from ._launch import accumulator_dtype, new_output, next_power_of_2, pointer
 
 LOG2E = tl.constexpr(1.4426950408889634)
-MAX_HEAD_DIM = 128
-MAX_ATTENTION_ROWS = 16
 
 
 @triton.jit
@@ -64,6 +62,19 @@ def _sequence(pid_bh, H, N, CuSeqlens, VARLEN: tl.constexpr):
         start = b * 0
         n = N
     return b, h, start, n
+
+
+@triton.jit
+def _store_rows(base, rows, cols, stride_row, tile, N, HEAD_DIM: tl.constexpr):
+    """Store a (len(rows), D_PAD) tile in base's dtype, leaving rows past N and columns past HEAD_DIM alone."""
+    mask = (rows[:, None] < N) & (cols[None, :] < HEAD_DIM)
+    tl.store(base + rows[:, None] * stride_row + cols[None, :], tile.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _head_rows(X, b, h, start, stride_b, stride_h, stride_n):
+    """Pointer to the first row of (batch or packed sequence b, head h), whose rows begin at token ``start``."""
+    return X + b * stride_b + h * stride_h + start * stride_n
 
 
 @triton.jit
@@ -121,10 +132,10 @@ def attention_fwd_kernel(
     kv_len = tl.where(pid_m * BLOCK_M < N, N, 0)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
-    k_base = K + b * stride_kb + h * stride_kh + start * stride_kn
-    v_base = V + b * stride_vb + h * stride_vh + start * stride_vn
+    k_base = _head_rows(K, b, h, start, stride_kb, stride_kh, stride_kn)
+    v_base = _head_rows(V, b, h, start, stride_vb, stride_vh, stride_vn)
     bias_base = Bias + b * stride_bb + h * stride_bh
-    q = _load_rows(Q + b * stride_qb + h * stride_qh + start * stride_qn, offs_m, offs_d, stride_qn, N,
+    q = _load_rows(_head_rows(Q, b, h, start, stride_qb, stride_qh, stride_qn), offs_m, offs_d, stride_qn, N,
                    HEAD_DIM, D_PAD, True)
 
     acc_ty = tl.float64 if Q.dtype.element_ty == tl.float64 else tl.float32
@@ -144,9 +155,8 @@ def attention_fwd_kernel(
 
     # A fully masked row gives 0/0 = NaN and lse = -inf, as softmax over all -inf does.
     lse2 = tl.where(m_i == -float("inf"), 0.0, m_i) + tl.log2(l_i)
-    o_mask = (offs_m[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
-    o_ptrs = O + b * stride_ob + h * stride_oh + (start + offs_m[:, None]) * stride_on + offs_d[None, :]
-    tl.store(o_ptrs, (acc / l_i[:, None]).to(O.dtype.element_ty), mask=o_mask)
+    _store_rows(_head_rows(O, b, h, start, stride_ob, stride_oh, stride_on), offs_m, offs_d, stride_on,
+                acc / l_i[:, None], N, HEAD_DIM)
     tl.store(LSE + b * stride_lb + h * stride_lh + start + offs_m, lse2, mask=offs_m < N)
 
     if N_ROWS > 0:
@@ -175,9 +185,9 @@ def attention_bwd_delta_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     acc_ty = tl.float64 if O.dtype.element_ty == tl.float64 else tl.float32
-    o = _load_rows(O + b * stride_ob + h * stride_oh + start * stride_on, offs_m, offs_d, stride_on, N,
+    o = _load_rows(_head_rows(O, b, h, start, stride_ob, stride_oh, stride_on), offs_m, offs_d, stride_on, N,
                    HEAD_DIM, D_PAD, True)
-    do = _load_rows(DO + b * stride_db + h * stride_dh + start * stride_dn, offs_m, offs_d, stride_dn, N,
+    do = _load_rows(_head_rows(DO, b, h, start, stride_db, stride_dh, stride_dn), offs_m, offs_d, stride_dn, N,
                     HEAD_DIM, D_PAD, True)
     delta = tl.sum(o.to(acc_ty) * do.to(acc_ty), axis=1)
     tl.store(Delta + b * stride_lb + h * stride_lh + start + offs_m, delta, mask=offs_m < N)
@@ -228,15 +238,15 @@ def attention_bwd_dkdv_kernel(
     q_len = tl.where(pid_n * BLOCK_N < N, N, 0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
-    q_base = Q + b * stride_qb + h * stride_qh + start * stride_qn
-    do_base = DO + b * stride_db + h * stride_dh + start * stride_dn
+    q_base = _head_rows(Q, b, h, start, stride_qb, stride_qh, stride_qn)
+    do_base = _head_rows(DO, b, h, start, stride_db, stride_dh, stride_dn)
     bias_base = Bias + b * stride_bb + h * stride_bh
     lse_base = LSE + b * stride_lb + h * stride_lh + start
     delta_base = Delta + b * stride_lb + h * stride_lh + start
     # Key rows past N read k = v = 0 and are not stored.
-    k = _load_rows(K + b * stride_kb + h * stride_kh + start * stride_kn, offs_n, offs_d, stride_kn, N,
+    k = _load_rows(_head_rows(K, b, h, start, stride_kb, stride_kh, stride_kn), offs_n, offs_d, stride_kn, N,
                    HEAD_DIM, D_PAD, True)
-    v = _load_rows(V + b * stride_vb + h * stride_vh + start * stride_vn, offs_n, offs_d, stride_vn, N,
+    v = _load_rows(_head_rows(V, b, h, start, stride_vb, stride_vh, stride_vn), offs_n, offs_d, stride_vn, N,
                    HEAD_DIM, D_PAD, True)
 
     acc_ty = tl.float64 if Q.dtype.element_ty == tl.float64 else tl.float32
@@ -252,11 +262,10 @@ def attention_bwd_dkdv_kernel(
                              offs_d, stride_qn, stride_dn, stride_bm, stride_bn, N, scale_log2, bias_mult,
                              HEAD_DIM, D_PAD, BLOCK_M, HAS_BIAS, True, PRECISION)
 
-    mask = (offs_n[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
-    dk_ptrs = DK + b * stride_dkb + h * stride_dkh + (start + offs_n[:, None]) * stride_dkn + offs_d[None, :]
-    dv_ptrs = DV + b * stride_dvb + h * stride_dvh + (start + offs_n[:, None]) * stride_dvn + offs_d[None, :]
-    tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=mask)
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=mask)
+    _store_rows(_head_rows(DK, b, h, start, stride_dkb, stride_dkh, stride_dkn), offs_n, offs_d, stride_dkn,
+                dk * scale, N, HEAD_DIM)
+    _store_rows(_head_rows(DV, b, h, start, stride_dvb, stride_dvh, stride_dvn), offs_n, offs_d, stride_dvn,
+                dv, N, HEAD_DIM)
 
 
 @triton.jit
@@ -292,13 +301,13 @@ def attention_bwd_dq_kernel(
     kv_len = tl.where(pid_m * BLOCK_M < N, N, 0)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
-    k_base = K + b * stride_kb + h * stride_kh + start * stride_kn
-    v_base = V + b * stride_vb + h * stride_vh + start * stride_vn
+    k_base = _head_rows(K, b, h, start, stride_kb, stride_kh, stride_kn)
+    v_base = _head_rows(V, b, h, start, stride_vb, stride_vh, stride_vn)
     bias_base = Bias + b * stride_bb + h * stride_bh
     row_base = b * stride_lb + h * stride_lh + start
-    q = _load_rows(Q + b * stride_qb + h * stride_qh + start * stride_qn, offs_m, offs_d, stride_qn, N,
+    q = _load_rows(_head_rows(Q, b, h, start, stride_qb, stride_qh, stride_qn), offs_m, offs_d, stride_qn, N,
                    HEAD_DIM, D_PAD, True)
-    do = _load_rows(DO + b * stride_db + h * stride_dh + start * stride_dn, offs_m, offs_d, stride_dn, N,
+    do = _load_rows(_head_rows(DO, b, h, start, stride_db, stride_dh, stride_dn), offs_m, offs_d, stride_dn, N,
                     HEAD_DIM, D_PAD, True)
     lse2 = tl.load(LSE + row_base + offs_m, mask=offs_m < N, other=0.0)
     delta = tl.load(Delta + row_base + offs_m, mask=offs_m < N, other=0.0)
@@ -315,9 +324,8 @@ def attention_bwd_dq_kernel(
                        stride_kn, stride_vn, stride_bm, stride_bn, N, scale_log2, bias_mult,
                        HEAD_DIM, D_PAD, BLOCK_N, HAS_BIAS, True, PRECISION)
 
-    mask = (offs_m[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
-    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + (start + offs_m[:, None]) * stride_dqn + offs_d[None, :]
-    tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=mask)
+    _store_rows(_head_rows(DQ, b, h, start, stride_dqb, stride_dqh, stride_dqn), offs_m, offs_d, stride_dqn,
+                dq * scale, N, HEAD_DIM)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -472,7 +480,7 @@ def attention_fwd(q, k, v, *, scale: float, bias=None, n_rows: int = 0, allow_tf
     """
     B, H, N, d = q.shape
     varlen = cu_seqlens is not None
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = accumulator_dtype(q.dtype)
     if heads_last_output:
         out = new_output((B, N, H, d), dtype=q.dtype, device=q.device).transpose(1, 2)
     else:
