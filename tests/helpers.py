@@ -54,3 +54,32 @@ def reference_dino_loss(student, teacher, center, ncrops, student_temp, teacher_
             total = total + torch.sum(-q * F.log_softmax(s_v, dim=-1), dim=-1).mean()
             pairs += 1
     return total / pairs
+
+
+def assert_patched_checkpoint_loads_unpatched(eager, fresh) -> None:
+    """Patching keeps state_dict keys; a patched model's checkpoint loads into a fresh unpatched ``fresh``."""
+    import copy
+    import io
+
+    import fastvision
+
+    patched = fastvision.patch(copy.deepcopy(eager))
+    assert list(patched.state_dict()) == list(eager.state_dict())
+    buffer = io.BytesIO()
+    torch.save(patched.state_dict(), buffer)
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.add_(1.0)
+    fresh.load_state_dict(torch.load(io.BytesIO(buffer.getvalue())))
+    for k, v in eager.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k
+
+
+def assert_loads_checkpoint(target, state_dict) -> None:
+    """``target`` (e.g. a patched model) with zeroed parameters takes ``state_dict`` exactly."""
+    with torch.no_grad():
+        for p in target.parameters():
+            p.mul_(0.0)
+    target.load_state_dict(state_dict)
+    for k, v in state_dict.items():
+        assert torch.equal(target.state_dict()[k], v), k

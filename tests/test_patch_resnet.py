@@ -1,6 +1,5 @@
 """fastvision.patch on timm / torchvision ResNets: outputs, training semantics, checkpoints, unpatch."""
 import copy
-import io
 
 import pytest
 import torch
@@ -10,6 +9,7 @@ from fastvision import _extension
 from fastvision.modules.conv import FoldedBatchNorm2d
 from fastvision.modules.resnet import FusedResNetBlock
 from fastvision.testing import assert_close
+from helpers import assert_loads_checkpoint, assert_patched_checkpoint_loads_unpatched
 
 timm = pytest.importorskip("timm")
 needs_extension = pytest.mark.skipif(_extension.load() is None, reason="fastvision._C is not built")
@@ -116,26 +116,11 @@ def test_frozen_bn_training_gradients_match_float64():
 
 def test_state_dict_keys_identical_and_round_trip_both_ways():
     eager = make("resnet50d").eval()
-    keys = list(eager.state_dict())
-    patched = fastvision.patch(copy.deepcopy(eager))
-    assert list(patched.state_dict()) == keys
-    buffer = io.BytesIO()
-    torch.save(patched.state_dict(), buffer)
-    fresh = make("resnet50d")
-    with torch.no_grad():
-        for p in fresh.parameters():
-            p.add_(1.0)
-    fresh.load_state_dict(torch.load(io.BytesIO(buffer.getvalue())))
-    for k, v in eager.state_dict().items():
-        assert torch.equal(fresh.state_dict()[k], v), k
+    assert_patched_checkpoint_loads_unpatched(eager, make("resnet50d"))
     target = fastvision.patch(make("resnet50d")).eval()
     with torch.no_grad():
         target(images(1))  # fill the folded-weight caches before loading
-        for p in target.parameters():
-            p.mul_(0.0)
-    target.load_state_dict(eager.state_dict())
-    for k, v in eager.state_dict().items():
-        assert torch.equal(target.state_dict()[k], v), k
+    assert_loads_checkpoint(target, eager.state_dict())
     x = images(1)
     with torch.no_grad():
         assert_close(target(x), eager(x), torch.float32)  # caches were refolded

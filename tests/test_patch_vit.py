@@ -1,6 +1,5 @@
 """fastvision.patch on timm ViT families: same outputs, gradients, parameters and checkpoints."""
 import copy
-import io
 import os
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from fastvision.modules import GELU, LayerNorm
 from fastvision.modules import transformer
 from fastvision.testing import assert_close, relative_error, tolerance
 from conftest import kernel_devices
+from helpers import assert_loads_checkpoint, assert_patched_checkpoint_loads_unpatched
 
 timm = pytest.importorskip("timm")
 
@@ -73,26 +73,9 @@ def test_patched_vit_low_precision(device, name, dtype):
 
 def test_state_dict_round_trip_both_ways():
     eager = make_vit("vit_small_patch14_reg4_dinov2")
-    keys = list(eager.state_dict())
-    patched = fastvision.patch(copy.deepcopy(eager))
-    assert list(patched.state_dict()) == keys
-    buffer = io.BytesIO()
-    torch.save(patched.state_dict(), buffer)
-    fresh = make_vit("vit_small_patch14_reg4_dinov2")
-    with torch.no_grad():
-        for p in fresh.parameters():
-            p.add_(1.0)
-    fresh.load_state_dict(torch.load(io.BytesIO(buffer.getvalue())))
-    for k, v in eager.state_dict().items():
-        assert torch.equal(fresh.state_dict()[k], v), k
+    assert_patched_checkpoint_loads_unpatched(eager, make_vit("vit_small_patch14_reg4_dinov2"))
     # and an eager checkpoint into a patched model
-    target = fastvision.patch(make_vit("vit_small_patch14_reg4_dinov2"))
-    with torch.no_grad():
-        for p in target.parameters():
-            p.mul_(0.0)
-    target.load_state_dict(eager.state_dict())
-    for k, v in eager.state_dict().items():
-        assert torch.equal(target.state_dict()[k], v), k
+    assert_loads_checkpoint(fastvision.patch(make_vit("vit_small_patch14_reg4_dinov2")), eager.state_dict())
 
 
 def test_patch_keeps_parameter_objects_and_requires_grad():
