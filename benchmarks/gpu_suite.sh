@@ -11,6 +11,7 @@
 #   SUITE_STEPS       comma-separated steps to run (default env,build,tests,host,micro,models,hooks,verify),
 #                     e.g. SUITE_STEPS=env,build,tests,micro then SUITE_STEPS=build,models,hooks
 #   GPU_TEST_SECONDS  time limit of the GPU test run (default 150)
+#   GPU_TESTS         test paths in the order to run them (default: tests)
 #   MICRO_SECONDS     --max-seconds of the micro benchmark (default 120)
 #   MODELS_SECONDS    --max-seconds of the model benchmark (default 170)
 #   PYTHON            interpreter (default: python3, else python)
@@ -92,7 +93,7 @@ if wants tests; then
   per_test=()
   "$PY" -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 120)
   run_step tests "$GPU_TEST_SECONDS" "$OUT/gpu_tests.log" \
-    "$PY" -m pytest tests -m gpu -q --maxfail=20 -p no:cacheprovider "${per_test[@]}" --junitxml "$OUT/gpu_tests.xml"
+    "$PY" -m pytest ${GPU_TESTS:-tests} -m gpu -q --maxfail=20 -p no:cacheprovider "${per_test[@]}" --junitxml "$OUT/gpu_tests.xml"
   tail -3 "$OUT/gpu_tests.log" | sed 's/^/   tests: /'
 fi
 
