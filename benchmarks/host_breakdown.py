@@ -1,0 +1,132 @@
+"""Where a fused op's host time goes: launcher, custom-op layers, autograd, backward thread.
+
+    python -m benchmarks.host_breakdown --out host_breakdown.json [--profile profile.txt] [--smoke]
+
+host_overhead.py says how much more host time a fused call costs than eager; this splits that
+cost into layers (raw Triton launch, launcher with allocations, the op entry point, autograd
+recording, the backward pass) for softmax and LayerNorm, so the expensive layer is named.
+"""
+import argparse
+from typing import Callable, Dict
+
+import torch
+import torch.nn.functional as F
+
+from . import common
+from .host_overhead import per_call_us
+
+
+class _EagerSoftmax(torch.autograd.Function):
+    """Control: a Python autograd.Function around eager softmax (what any Python backward costs)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.softmax(x, -1)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        (y,) = ctx.saved_tensors
+        return y * (dy - (dy * y).sum(-1, keepdim=True))
+
+
+def _grad_step(fn: Callable, *inputs):
+    leaves = [t for t in inputs if t.requires_grad]
+
+    def step():
+        out = fn(*inputs)
+        out = out[0] if isinstance(out, tuple) else out
+        return torch.autograd.grad(out.sum(), leaves)
+    return step
+
+
+def softmax_layers(device, dtype) -> Dict[str, Callable[[], object]]:
+    from fastvision import ops
+    from fastvision.triton_kernels import softmax as kernels
+    from fastvision.triton_kernels._launch import warps_for_row
+    x = torch.randn(8, 197, device=device, dtype=dtype, requires_grad=True)
+    x0 = x.detach()
+    y = torch.empty_like(x0)
+    dy = torch.randn_like(x0)
+    block = kernels._block(197)[0]
+
+    def raw_launch():
+        kernels.softmax_fwd_kernel[(8,)](x0, y, x0.stride(0), y.stride(0), 197, BLOCK_N=block, SINGLE_BLOCK=True,
+                                         num_warps=warps_for_row(block))
+    return {
+        "eager fwd": lambda: torch.softmax(x0, -1),
+        "raw triton launch": raw_launch,
+        "launcher fwd (alloc + launch)": lambda: kernels.softmax_fwd(x0),
+        "launcher bwd (main thread)": lambda: kernels.softmax_bwd(dy, y),
+        "ops.softmax fwd, no grad": lambda: ops.softmax(x0, -1),
+        "ops.softmax fwd, grad recorded": lambda: ops.softmax(x, -1),
+        "torch.ops.fastvision.softmax fwd, no grad": lambda: torch.ops.fastvision.softmax(x0),
+        "eager fwd+bwd": _grad_step(lambda t: torch.softmax(t, -1), x),
+        "python Function(eager) fwd+bwd": _grad_step(_EagerSoftmax.apply, x),
+        "ops.softmax fwd+bwd": _grad_step(lambda t: ops.softmax(t, -1), x),
+        "torch.ops.fastvision.softmax fwd+bwd": _grad_step(torch.ops.fastvision.softmax, x),
+    }
+
+
+def layer_norm_layers(device, dtype) -> Dict[str, Callable[[], object]]:
+    from fastvision import ops
+    from fastvision.triton_kernels import layer_norm as kernels
+    x = torch.randn(8, 384, device=device, dtype=dtype, requires_grad=True)
+    w = torch.randn(384, device=device, dtype=dtype, requires_grad=True)
+    b = torch.randn(384, device=device, dtype=dtype, requires_grad=True)
+    x0 = x.detach()
+    _, _, _, rstd = kernels.layer_norm_fwd(x0, w.detach(), b.detach(), 1e-5)
+    dy = torch.randn_like(x0)
+    return {
+        "eager fwd": lambda: F.layer_norm(x0, (384,), w.detach(), b.detach()),
+        "launcher fwd": lambda: kernels.layer_norm_fwd(x0, w.detach(), b.detach(), 1e-5),
+        "launcher bwd with weight grads (main thread)": lambda: kernels.layer_norm_bwd(dy, x0, w.detach(), rstd),
+        "launcher bwd, dx only (main thread)": lambda: kernels.layer_norm_bwd(dy, x0, w.detach(), rstd,
+                                                                             needs_weight_grad=False),
+        "ops.layer_norm fwd, grad recorded": lambda: ops.layer_norm(x, (384,), w, b),
+        "eager fwd+bwd": _grad_step(lambda *t: F.layer_norm(t[0], (384,), t[1], t[2]), x, w, b),
+        "ops.layer_norm fwd+bwd": _grad_step(lambda *t: ops.layer_norm(t[0], (384,), t[1], t[2]), x, w, b),
+        "ops.layer_norm fwd+bwd, x only": _grad_step(lambda t: ops.layer_norm(t, (384,), w.detach(), b.detach()), x),
+    }
+
+
+def profile_table(device, dtype, path: str) -> None:
+    """torch.profiler over ops.layer_norm and ops.softmax fwd+bwd: which calls take the host time."""
+    steps = [layer_norm_layers(device, dtype)["ops.layer_norm fwd+bwd"], softmax_layers(device, dtype)["ops.softmax fwd+bwd"]]
+    for step in steps:
+        step()
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(20):
+            for step in steps:
+                step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    with open(path, "w") as f:
+        f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=70))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--profile", help="also write a torch.profiler table here")
+    parser.add_argument("--smoke", action="store_true", help="CPU, few calls (checks the script runs)")
+    args = parser.parse_args(argv)
+    device = common.pick_device(args.smoke)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    calls = 2 if args.smoke else 1000
+    results = {}
+    for op, layers in (("softmax", softmax_layers), ("layer_norm", layer_norm_layers)):
+        for name, fn in layers(device, dtype).items():
+            results[f"{op}: {name}"] = round(per_call_us(fn, device, calls), 2)
+            print(f"{op + ': ' + name:<60}{results[f'{op}: {name}']:>10} µs", flush=True)
+    common.write_json(args.out, {"env": common.environment_info(device), "dtype": str(dtype), "us_per_call": results})
+    if args.profile:
+        profile_table(device, dtype, args.profile)
+
+
+if __name__ == "__main__":
+    main()
