@@ -7,6 +7,7 @@ cost into layers (raw Triton launch, launcher with allocations, the op entry poi
 recording, the backward pass) for softmax and LayerNorm, so the expensive layer is named.
 """
 import argparse
+import time
 from typing import Callable, Dict
 
 import torch
@@ -91,6 +92,62 @@ def layer_norm_layers(device, dtype) -> Dict[str, Callable[[], object]]:
     }
 
 
+class _Probe(torch.autograd.Function):
+    """Runs ``work`` inside backward (in the autograd engine's device thread) and times it there."""
+
+    @staticmethod
+    def forward(ctx, x, work, timings):
+        ctx.work, ctx.timings = work, timings
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, dy):
+        start = time.perf_counter()
+        ctx.work(dy)
+        ctx.timings.append(time.perf_counter() - start)
+        return dy, None, None
+
+
+def backward_thread_layers(device, dtype) -> Dict[str, Callable[[], object]]:
+    """The same host work timed in the main thread and inside a backward pass."""
+    from fastvision.ops._dispatch import call
+    from fastvision.triton_kernels import softmax as kernels
+    from fastvision.triton_kernels._launch import warps_for_row
+    x = torch.randn(8, 197, device=device, dtype=dtype, requires_grad=True)
+    y, dx = torch.softmax(x.detach(), -1), torch.empty_like(x.detach())
+    block = kernels._block(197)[0]
+    args = (y, y, dx, y.stride(0), y.stride(0), dx.stride(0), 197)
+    meta = dict(BLOCK_N=block, SINGLE_BLOCK=True, num_warps=warps_for_row(block))
+    compiled = kernels.softmax_bwd_kernel[(8,)](*args, **meta)
+    runner = compiled[(8, 1, 1)] if compiled is not None else (lambda *a: None)  # None on the interpreter
+    works = {
+        "nothing": lambda dy: None,
+        "torch.empty_like": lambda dy: torch.empty_like(dy),
+        "jit launch": lambda dy: kernels.softmax_bwd_kernel[(8,)](*args, **meta),
+        "compiled-kernel launch": lambda dy: runner(*args, block, True),
+        "launcher softmax_bwd": lambda dy: kernels.softmax_bwd(y, y),
+        "call softmax_backward": lambda dy: call("softmax_backward", y, y),
+    }
+    layers = {}
+    for name, work in works.items():
+        timings = []
+        layers[f"main thread: {name}"] = (lambda w=work: w(y))
+        step = _grad_step(lambda t, w=work, tm=timings: _Probe.apply(t, w, tm), x)
+        layers[f"fwd+bwd with it in backward: {name}"] = step
+        layers[f"inside backward: {name}"] = _InsideTimer(step, timings)
+    return layers
+
+
+class _InsideTimer:
+    """Runs the step, but reports the mean time measured inside backward (set by per_call_us's caller)."""
+
+    def __init__(self, step, timings):
+        self.step, self.timings = step, timings
+
+    def __call__(self):
+        return self.step()
+
+
 def profile_table(device, dtype, path: str) -> None:
     """torch.profiler over ops.layer_norm and ops.softmax fwd+bwd: which calls take the host time."""
     steps = [layer_norm_layers(device, dtype)["ops.layer_norm fwd+bwd"], softmax_layers(device, dtype)["ops.softmax fwd+bwd"]]
@@ -119,9 +176,21 @@ def main(argv=None):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     calls = 2 if args.smoke else 1000
     results = {}
-    for op, layers in (("softmax", softmax_layers), ("layer_norm", layer_norm_layers)):
+    for op, layers in (("softmax", softmax_layers), ("layer_norm", layer_norm_layers),
+                       ("probe", backward_thread_layers)):
         for name, fn in layers(device, dtype).items():
-            results[f"{op}: {name}"] = round(per_call_us(fn, device, calls), 2)
+            try:
+                fn()
+            except Exception as exc:  # report and go on: a probe that cannot run says so
+                print(f"{op}: {name}: {type(exc).__name__}: {exc}", flush=True)
+                results[f"{op}: {name}"] = None
+                continue
+            if isinstance(fn, _InsideTimer):
+                fn.timings.clear()
+                per_call_us(fn, device, calls)
+                results[f"{op}: {name}"] = round(sum(fn.timings) / max(len(fn.timings), 1) * 1e6, 2)
+            else:
+                results[f"{op}: {name}"] = round(per_call_us(fn, device, calls), 2)
             print(f"{op + ': ' + name:<60}{results[f'{op}: {name}']:>10} µs", flush=True)
     common.write_json(args.out, {"env": common.environment_info(device), "dtype": str(dtype), "us_per_call": results})
     if args.profile:

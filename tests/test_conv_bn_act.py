@@ -6,7 +6,7 @@ import torch.nn.functional as F
 import fastvision
 from fastvision import _extension
 from fastvision.modules import ConvBnAct
-from fastvision.testing import assert_close
+from fastvision.testing import TF32_TOLERANCE, assert_close
 from helpers import DTYPES, randn
 
 needs_extension = pytest.mark.skipif(_extension.load() is None, reason="fastvision._C is not built")
@@ -25,6 +25,16 @@ SHAPES = {
     "dw3x3s2": (48, 48, 3, 2, 48, 9),
 }
 FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+
+
+@pytest.fixture(autouse=True)
+def _exact_fp32_convolutions():
+    """cuDNN runs float32 convolutions in TF32 by default (eager too): check the exact path here,
+    TF32 in test_cuda_fp32_follows_the_tf32_flag."""
+    allowed = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = allowed
 
 
 def _devices():
@@ -274,3 +284,13 @@ def test_cuda_engines_match_float64(engine, dtype, fmt):
                 assert_close(out, _reference64(x, w, None, shift, res, conv, True), dtype, name=shape)
     finally:
         ext.set_cuda_conv_engine("epilogue")
+
+
+@pytest.mark.gpu
+@needs_extension
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_fp32_follows_the_tf32_flag():
+    x, w, scale, shift, res, conv = _case("l4_3x3", 3, torch.float32, "cuda", "nhwc")
+    ref = _reference64(x, w, scale, shift, res, conv, True)
+    torch.backends.cudnn.allow_tf32 = True
+    assert_close(fastvision.ops.conv_bn_act(x, w, scale, shift, res, relu=True, **conv), ref, tol=TF32_TOLERANCE)
