@@ -7,6 +7,7 @@ cost into layers (raw Triton launch, launcher with allocations, the op entry poi
 recording, the backward pass) for softmax and LayerNorm, so the expensive layer is named.
 """
 import argparse
+import gc
 import time
 from typing import Callable, Dict
 
@@ -138,6 +139,53 @@ def backward_thread_layers(device, dtype) -> Dict[str, Callable[[], object]]:
     return layers
 
 
+class _TritonSoftmax(torch.autograd.Function):
+    """Our kernels in a plain autograd.Function: output as allocated (no view), saved for backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        from fastvision.triton_kernels import softmax as kernels
+        y = kernels.softmax_fwd(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        from fastvision.triton_kernels import softmax as kernels
+        (y,) = ctx.saved_tensors
+        return kernels.softmax_bwd(dy.contiguous(), y)
+
+
+def _no_gc(step):
+    def run():
+        gc.disable()
+        try:
+            return step()
+        finally:
+            gc.enable()
+    return run
+
+
+def autograd_variants(device, dtype) -> Dict[str, Callable[[], object]]:
+    """Which part of the autograd round trip makes ops.softmax fwd+bwd cost more than its pieces."""
+    from fastvision import ops
+    x = torch.randn(8, 197, device=device, dtype=dtype, requires_grad=True)
+    g = torch.randn(8, 197, device=device, dtype=dtype)
+
+    def with_grad_outputs(fn):
+        return lambda: torch.autograd.grad(fn(x), [x], g)
+    return {
+        "ops.softmax fwd+bwd": _grad_step(lambda t: ops.softmax(t, -1), x),
+        "ops.softmax fwd+bwd, gc off": _no_gc(_grad_step(lambda t: ops.softmax(t, -1), x)),
+        "Function(triton) fwd+bwd": _grad_step(_TritonSoftmax.apply, x),
+        "Function(triton) view output fwd+bwd": _grad_step(lambda t: _TritonSoftmax.apply(t).view(8, 197), x),
+        "eager, grad_outputs": with_grad_outputs(lambda t: torch.softmax(t, -1)),
+        "Function(triton), grad_outputs": with_grad_outputs(_TritonSoftmax.apply),
+        "ops.softmax, grad_outputs": with_grad_outputs(lambda t: ops.softmax(t, -1)),
+        "ops.softmax, grad_outputs, gc off": _no_gc(with_grad_outputs(lambda t: ops.softmax(t, -1))),
+    }
+
+
 class _InsideTimer:
     """Runs the step, but reports the mean time measured inside backward (set by per_call_us's caller)."""
 
@@ -177,7 +225,7 @@ def main(argv=None):
     calls = 2 if args.smoke else 1000
     results = {}
     for op, layers in (("softmax", softmax_layers), ("layer_norm", layer_norm_layers),
-                       ("probe", backward_thread_layers)):
+                       ("probe", backward_thread_layers), ("autograd", autograd_variants)):
         for name, fn in layers(device, dtype).items():
             try:
                 fn()
