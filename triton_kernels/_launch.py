@@ -1,15 +1,34 @@
 """Launch heuristics shared by the kernels: block sizes, warps, grid sizes."""
+import math
+
 import torch
-import triton
 
 
 def next_power_of_2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
+    """Smallest power of two >= n (1 for n <= 1). Plain Python: triton's helper costs microseconds per call."""
+    n = int(n)
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def warps_for_row(block: int) -> int:
     """Warps for a program that owns one row of ``block`` elements."""
     return min(max(block // 256, 1), 16)
+
+
+def rows_of(x: torch.Tensor):
+    """(rows, row stride) of ``x`` read as rows of its last dimension.
+
+    ``x`` is contiguous (any number of dimensions) or 2-D with unit column stride: the two
+    layouts a launcher reads without a copy.
+    """
+    n = x.shape[-1]
+    if x.is_contiguous():
+        return (x.numel() // n if n else math.prod(x.shape[:-1])), n
+    return x.shape[0], x.stride(0)
 
 
 def is_interpreted(kernel) -> bool:
@@ -24,9 +43,21 @@ def reduction_programs(rows: int, device: torch.device) -> int:
     where every program is a Python loop.
     """
     if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(rows, 4 * sms))
+        return max(1, min(rows, 4 * multiprocessors(device.index)))
     return max(1, min(rows, 4))
+
+
+_MULTIPROCESSORS = {}
+
+
+def multiprocessors(index) -> int:
+    """SM count of CUDA device ``index`` (None: the current one), looked up once per device."""
+    if index is None:
+        index = torch.cuda.current_device()
+    count = _MULTIPROCESSORS.get(index)
+    if count is None:
+        count = _MULTIPROCESSORS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return count
 
 
 # Tests switch this on so that every output a kernel should fully write starts as NaN:

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import accumulator_dtype, new_output, next_power_of_2, pointer
+from ._launch import accumulator_dtype, cdiv, new_output, next_power_of_2, pointer
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -419,12 +419,12 @@ def _timed_choice(key, candidates, launch):
 def _launch(kernel, grid_axis, tensor, n, programs_per_row, *args, **meta):
     """Grid: (blocks along N, B*H). Timed, forced or heuristic blocks on CUDA; fixed in the interpreter."""
     def launch(cfg):
-        grid = (triton.cdiv(n, cfg.kwargs[grid_axis]), programs_per_row)
+        grid = (cdiv(n, cfg.kwargs[grid_axis]), programs_per_row)
         kernel[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     if tensor.device.type != "cuda":
         blocks = INTERPRETER_BLOCKS if n <= 1024 else INTERPRETER_LONG_BLOCKS
-        kernel[(triton.cdiv(n, blocks[grid_axis]), programs_per_row)](*args, **meta, **blocks)
+        kernel[(cdiv(n, blocks[grid_axis]), programs_per_row)](*args, **meta, **blocks)
         return
     d_pad, element_bytes = meta["D_PAD"], tensor.element_size()
     if forced_config is not None:
@@ -509,7 +509,7 @@ def attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, *, scale: float, bias=Non
     programs, grid_len, lse_strides = _geometry(q, cu_seqlens, max_seqlen)
     cu = q if cu_seqlens is None else cu_seqlens
     delta = torch.empty((B * H, N), dtype=lse.dtype, device=q.device)
-    attention_bwd_delta_kernel[(triton.cdiv(grid_len, DELTA_BLOCK_M), programs)](
+    attention_bwd_delta_kernel[(cdiv(grid_len, DELTA_BLOCK_M), programs)](
         out, dout, delta, cu, *_strides(out, varlen), *_strides(dout, varlen), *lse_strides, H, N,
         HEAD_DIM=d, D_PAD=d_pad, BLOCK_M=DELTA_BLOCK_M, VARLEN=varlen)
     bias_ptr, *bias_strides = _bias_args(bias, q)

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import new_output, next_power_of_2, pointer
+from ._launch import cdiv, new_output, next_power_of_2, pointer
 
 TILE_ELEMENTS = 8192       # (CROPS, BLOCK_K) tile held in registers per program
 MAX_BLOCK_K = 4096
@@ -188,7 +188,7 @@ def dino_loss_fwd(student, teacher, center, ncrops: int, student_temp: float, te
     B = rows // ncrops
     n_global = teacher.shape[0] // B
     crops, n_globals, block_k, num_warps = _launch_shape(ncrops, n_global, K)
-    n_blocks = triton.cdiv(K, block_k)
+    n_blocks = cdiv(K, block_k)
     device = student.device
     part = new_output((PARTIALS, B, crops, n_blocks), dtype=torch.float32, device=device)
     image_loss = new_output((B,), dtype=torch.float32, device=device)
@@ -212,7 +212,7 @@ def dino_loss_bwd(grad, student, teacher, center, lse_s, lse_t, ncrops: int, stu
     crops, n_globals, block_k, num_warps = _launch_shape(ncrops, n_global, K)
     ds = new_output((rows, K), dtype=student.dtype, device=student.device)
     pairs = n_global * (ncrops - 1)
-    dino_loss_bwd_kernel[(B, triton.cdiv(K, block_k))](
+    dino_loss_bwd_kernel[(B, cdiv(K, block_k))](
         student, teacher, center, lse_s, lse_t, grad, ds, student.stride(0), teacher.stride(0), ds.stride(0), B, K,
         ncrops, n_global, 1.0 / student_temp, 1.0 / teacher_temp, 1.0 / (B * pairs * student_temp),
         CROPS=crops, GLOBALS=n_globals, BLOCK_K=block_k, num_warps=num_warps)

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import accumulator_dtype, new_output, next_power_of_2, pointer, reduction_programs
+from ._launch import accumulator_dtype, cdiv, new_output, next_power_of_2, pointer, reduction_programs
 
 SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 INV_SQRT_2 = tl.constexpr(0.7071067811865476)
@@ -139,7 +139,7 @@ def bias_gelu_bwd_kernel(DY, X, Bias, DX, DB_PARTIAL, M, N, stride_dy, stride_x,
 
 
 def _elementwise_grid(numel):
-    return (triton.cdiv(numel, ELEMENTWISE_BLOCK),)
+    return (cdiv(numel, ELEMENTWISE_BLOCK),)
 
 
 def gelu_fwd(x, approximate_tanh: bool):
@@ -171,7 +171,7 @@ def bias_gelu_fwd(x, bias, approximate_tanh: bool):
     y = new_output((M, N), dtype=x.dtype, device=x.device)
     if M and N:
         block_m, block_n = _bias_blocks(N)
-        grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+        grid = (cdiv(M, block_m), cdiv(N, block_n))
         bias_gelu_fwd_kernel[grid](x, bias, y, M, N, x.stride(0), y.stride(0), APPROX_TANH=approximate_tanh,
                                    BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
     return y
@@ -184,11 +184,11 @@ def bias_gelu_bwd(dy, x, bias, approximate_tanh: bool):
     if not (M and N):
         return dx, dx.new_zeros(N, dtype=accumulator_dtype(x.dtype))
     block_m, block_n = _bias_blocks(N)
-    programs = max(1, reduction_programs(M, x.device) // triton.cdiv(N, block_n))
-    rows_per_program = triton.cdiv(M, programs)
-    programs = triton.cdiv(M, rows_per_program)
+    programs = max(1, reduction_programs(M, x.device) // cdiv(N, block_n))
+    rows_per_program = cdiv(M, programs)
+    programs = cdiv(M, rows_per_program)
     db_partial = new_output((programs, N), dtype=accumulator_dtype(x.dtype), device=x.device)
-    bias_gelu_bwd_kernel[(programs, triton.cdiv(N, block_n))](
+    bias_gelu_bwd_kernel[(programs, cdiv(N, block_n))](
         dy, x, bias, dx, db_partial, M, N, dy.stride(0), x.stride(0), dx.stride(0), rows_per_program,
         APPROX_TANH=approximate_tanh, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
     return dx, db_partial.sum(0)

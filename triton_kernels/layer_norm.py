@@ -5,7 +5,8 @@ Backward, per row: xhat = (h - mean) * rstd,  g = dy * w
                    dh = rstd * (g - mean(g * xhat) * xhat - mean(g)) (+ dh_skip)
                    dw = sum_rows dy * xhat,  db = sum_rows dy
 dw and db are reduced deterministically: each program accumulates the rows it
-owns into a private row of a partial buffer, then the partial rows are summed.
+owns into a private row of a partial buffer (dw rows, then db rows, in one
+allocation), then one sum over the partial rows gives both.
 Rows with a large mean and a tiny spread (mean 1e4, std 1e-2) keep their precision:
 values are shifted by the row's first element before any sum (x - shift is exact for
 nearby floats), the variance is a second pass over centred values, and the backward
@@ -15,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import accumulator_dtype, new_output, next_power_of_2, pointer, reduction_programs, warps_for_row
+from ._launch import (accumulator_dtype, cdiv, new_output, next_power_of_2, pointer, reduction_programs, rows_of,
+                      warps_for_row)
 
 # Rows up to this width live in registers; wider rows are streamed in blocks.
 MAX_SINGLE_BLOCK = 8192
@@ -99,7 +101,7 @@ def layer_norm_fwd_kernel(
 
 @triton.jit
 def layer_norm_bwd_kernel(
-    DY, H, W, Rstd, DH_SKIP, DX, DW_PARTIAL, DB_PARTIAL,
+    DY, H, W, Rstd, DH_SKIP, DX, DW_PARTIAL,
     stride_dy, stride_h, stride_skip, stride_dx,
     M, N, rows_per_program,
     HAS_SKIP_GRAD: tl.constexpr, HAS_WEIGHT: tl.constexpr, NEEDS_WB_GRAD: tl.constexpr,
@@ -111,6 +113,8 @@ def layer_norm_bwd_kernel(
     row_start = pid.to(tl.int64) * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
     partial_row = pid.to(tl.int64) * N
+    if NEEDS_WB_GRAD:  # the db rows follow the dw rows of every program
+        DB_PARTIAL = DW_PARTIAL + tl.num_programs(0).to(tl.int64) * N
 
     if SINGLE_BLOCK:
         cols = tl.arange(0, BLOCK_N)
@@ -192,24 +196,25 @@ def _block(n: int):
 
 
 def layer_norm_fwd(x, weight, bias, eps, residual=None, out_dtype=None):
-    """x, residual: (M, N) with unit column stride. Returns y, h (or None), mean, rstd.
+    """x, residual: contiguous, or (M, N) with unit column stride. Returns y, h (or None), mean, rstd.
 
-    h = x + residual has the promoted dtype of the two; y has ``out_dtype`` (default: h's).
+    Outputs have x's shape (statistics: without the last dimension). h = x + residual has
+    the promoted dtype of the two; y has ``out_dtype`` (default: h's).
     """
-    M, N = x.shape
-    block, single = _block(N)
+    M, stride_x = rows_of(x)
+    N = x.shape[-1]
     h_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
-    y = new_output((M, N), dtype=out_dtype or h_dtype, device=x.device)
-    h = new_output((M, N), dtype=h_dtype, device=x.device) if residual is not None else None
+    y = new_output(x.shape, dtype=out_dtype or h_dtype, device=x.device)
+    h = new_output(x.shape, dtype=h_dtype, device=x.device) if residual is not None else None
     stats_dtype = accumulator_dtype(h_dtype)
-    mean = new_output((M,), dtype=stats_dtype, device=x.device)
-    rstd = new_output((M,), dtype=stats_dtype, device=x.device)
+    mean = new_output(x.shape[:-1], dtype=stats_dtype, device=x.device)
+    rstd = new_output(x.shape[:-1], dtype=stats_dtype, device=x.device)
     if M == 0:
         return y, h, mean, rstd
+    block, single = _block(N)
     layer_norm_fwd_kernel[(M,)](
         x, residual, h, y, weight, bias, mean, rstd,
-        x.stride(0), residual.stride(0) if residual is not None else 0,
-        h.stride(0) if h is not None else 0, y.stride(0),
+        stride_x, rows_of(residual)[1] if residual is not None else 0, N, N,
         N, eps,
         HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         BLOCK_N=block, SINGLE_BLOCK=single, num_warps=warps_for_row(block),
@@ -220,33 +225,33 @@ def layer_norm_fwd(x, weight, bias, eps, residual=None, out_dtype=None):
 def layer_norm_bwd(dy, h, weight, rstd, skip_grad=None, needs_weight_grad=True):
     """Gradients of layer_norm_fwd. ``h`` is the normalised input (x, or x + residual).
 
-    The mean is recomputed from h (see the module docstring), so only rstd is read.
-    ``skip_grad`` is the gradient that reached h through the residual stream; it is
-    added to dx. Returns dx, dweight_and_dbias (float32/64 sums, or None, None).
+    dy, h, skip_grad: contiguous, or (M, N) with unit column stride. The mean is recomputed
+    from h (see the module docstring), so only rstd is read. ``skip_grad`` is the gradient
+    that reached h through the residual stream; it is added to dx. Returns dx (h's shape)
+    and the (2, N) float32/64 sums [dweight, dbias], or None.
     """
-    M, N = h.shape
-    block, single = _block(N)
-    dx = new_output((M, N), dtype=h.dtype, device=h.device)
-    programs = reduction_programs(M, h.device)
-    rows_per_program = triton.cdiv(max(M, 1), programs)
-    programs = triton.cdiv(max(M, 1), rows_per_program)
+    M, stride_h = rows_of(h)
+    N = h.shape[-1]
+    dx = new_output(h.shape, dtype=h.dtype, device=h.device)
     acc = accumulator_dtype(h.dtype)
-    alloc = new_output if single else (lambda shape, **kw: torch.zeros(shape, **kw))
-    dw_partial = alloc((programs, N), dtype=acc, device=h.device) if needs_weight_grad else None
-    db_partial = alloc((programs, N), dtype=acc, device=h.device) if needs_weight_grad else None
     if M == 0:
-        zeros = torch.zeros(N, dtype=acc, device=h.device) if needs_weight_grad else None
-        return dx, zeros, zeros
+        return dx, (torch.zeros((2, N), dtype=acc, device=h.device) if needs_weight_grad else None)
+    block, single = _block(N)
+    programs = reduction_programs(M, h.device)
+    rows_per_program = cdiv(M, programs)
+    programs = cdiv(M, rows_per_program)
+    partial = None
+    if needs_weight_grad:
+        alloc = new_output if single else (lambda shape, **kw: torch.zeros(shape, **kw))
+        partial = alloc((2, programs, N), dtype=acc, device=h.device)
     layer_norm_bwd_kernel[(programs,)](
-        dy, h, weight, rstd, skip_grad, dx, dw_partial, db_partial,
-        dy.stride(0), h.stride(0), skip_grad.stride(0) if skip_grad is not None else 0, dx.stride(0),
+        dy, h, weight, rstd, skip_grad, dx, partial,
+        rows_of(dy)[1], stride_h, rows_of(skip_grad)[1] if skip_grad is not None else 0, N,
         M, N, rows_per_program,
         HAS_SKIP_GRAD=skip_grad is not None, HAS_WEIGHT=weight is not None, NEEDS_WB_GRAD=needs_weight_grad,
         BLOCK_N=block, SINGLE_BLOCK=single, num_warps=warps_for_row(block),
     )
-    if not needs_weight_grad:
-        return dx, None, None
-    return dx, dw_partial.sum(0), db_partial.sum(0)
+    return dx, (partial.sum(1) if needs_weight_grad else None)
 
 
 def aot_specializations():
@@ -266,7 +271,7 @@ def aot_specializations():
                 constexprs.update(R=None, H=None)
             yield layer_norm_fwd_kernel, signature, constexprs, {"num_warps": warps_for_row(block)}
             signature = {"DY": p, "H": p, "W": p, "Rstd": stats, "DH_SKIP": res_ptr, "DX": p,
-                         "DW_PARTIAL": stats, "DB_PARTIAL": stats, "stride_dy": "i32", "stride_h": "i32",
+                         "DW_PARTIAL": stats, "stride_dy": "i32", "stride_h": "i32",
                          "stride_skip": "i32", "stride_dx": "i32", "M": "i32", "N": "i32",
                          "rows_per_program": "i32", "HAS_SKIP_GRAD": "constexpr", "HAS_WEIGHT": "constexpr",
                          "NEEDS_WB_GRAD": "constexpr", "BLOCK_N": "constexpr", "SINGLE_BLOCK": "constexpr"}

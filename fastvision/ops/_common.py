@@ -71,6 +71,14 @@ def as_rows(x: torch.Tensor, width: int) -> torch.Tensor:
     return rows
 
 
+def row_major(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself when a launcher can read it as rows without a copy (contiguous, or 2-D with unit
+    column stride), else its rows as in ``as_rows``."""
+    if x.is_contiguous() or (x.dim() == 2 and x.stride(1) == 1):
+        return x
+    return as_rows(x, x.shape[-1])
+
+
 def autocast_dtype_for(device_type: str, policy: str) -> Optional[torch.dtype]:
     """The dtype eager autocast would run an op in, or None when autocast leaves it alone.
 

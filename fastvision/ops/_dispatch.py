@@ -79,6 +79,9 @@ class _Direct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *args):
         entry, inputs = args[-1], args[:-1]
+        # Gradients of unused outputs (statistics marked non-differentiable) stay None instead of
+        # zero tensors made for every call; every backward accepts None for them.
+        ctx.set_materialize_grads(False)
         output = entry.impl(*inputs)
         ctx.fastvision_op = entry
         entry.setup_context(ctx, inputs, output)
@@ -86,6 +89,8 @@ class _Direct(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
+        if all(g is None for g in grads):  # no output reached the loss (see set_materialize_grads)
+            return (None,) * len(ctx.needs_input_grad)
         result = ctx.fastvision_op.backward(ctx, *grads)
         return (*(result if isinstance(result, tuple) else (result,)), None)
 

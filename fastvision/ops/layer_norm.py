@@ -31,11 +31,13 @@ def _eager_forward(h: Tensor, weight, bias, eps, out_dtype=None):
 
 def _layer_norm_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                      out_dtype: Optional[torch.dtype]) -> Tuple[Tensor, Tensor, Tensor]:
-    N = x.shape[-1]
     if not C.use_triton(x):
         return _eager_forward(x, weight, bias, eps, out_dtype)
-    y, _, mean, rstd = _kernels().layer_norm_fwd(C.as_rows(x, N), weight, bias, eps, out_dtype=out_dtype)
-    return y.view(x.shape), mean.view(x.shape[:-1]), rstd.view(x.shape[:-1])
+    rows = C.row_major(x)
+    y, _, mean, rstd = _kernels().layer_norm_fwd(rows, weight, bias, eps, out_dtype=out_dtype)
+    if rows is not x:
+        return y.view(x.shape), mean.view(x.shape[:-1]), rstd.view(x.shape[:-1])
+    return y, mean, rstd
 
 
 def _layer_norm_fake(x, weight, bias, eps, out_dtype):
@@ -45,13 +47,16 @@ def _layer_norm_fake(x, weight, bias, eps, out_dtype):
 
 def _add_layer_norm_impl(x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                          out_dtype: Optional[torch.dtype]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    N = x.shape[-1]
     if not C.use_triton(x):
         h = x + residual
         y, mean, rstd = _eager_forward(h, weight, bias, eps, out_dtype)
         return y, h, mean, rstd
-    y, h, mean, rstd = _kernels().layer_norm_fwd(C.as_rows(x, N), weight, bias, eps, residual=C.as_rows(residual, N),
-                                                 out_dtype=out_dtype)
+    rows, residual_rows = C.row_major(x), C.row_major(residual)
+    if rows is x and residual_rows is residual:
+        return _kernels().layer_norm_fwd(x, weight, bias, eps, residual=residual, out_dtype=out_dtype)
+    N = x.shape[-1]
+    y, h, mean, rstd = _kernels().layer_norm_fwd(C.as_rows(x, N), weight, bias, eps,
+                                                 residual=C.as_rows(residual, N), out_dtype=out_dtype)
     return y.view(x.shape), h.view(x.shape), mean.view(x.shape[:-1]), rstd.view(x.shape[:-1])
 
 
@@ -62,21 +67,22 @@ def _add_layer_norm_fake(x, residual, weight, bias, eps, out_dtype):
 
 
 def _layer_norm_backward_impl(dy: Tensor, h: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
-                            skip_grad: Optional[Tensor], needs_weight_grad: bool
-                            ) -> Tuple[Tensor, Tensor, Tensor]:
-    N = h.shape[-1]
+                              skip_grad: Optional[Tensor], needs_weight_grad: bool) -> Tuple[Tensor, Tensor]:
+    """(dx, [dweight; dbias] as one (2, N) accumulator-dtype tensor, empty when not needed)."""
     if not C.use_triton(h):
         return _eager_backward(dy, h, weight, mean, rstd, skip_grad, needs_weight_grad)
-    dx, dw, db = _kernels().layer_norm_bwd(
-        C.as_rows(dy, N), C.as_rows(h, N), weight, rstd.reshape(-1),
-        skip_grad=None if skip_grad is None else C.as_rows(skip_grad, N), needs_weight_grad=needs_weight_grad)
-    return dx.view(h.shape), C.empty_if_none(dw, h), C.empty_if_none(db, h)
+    rows = C.row_major(h)
+    dx, dwb = _kernels().layer_norm_bwd(
+        C.row_major(dy), rows, weight, rstd, skip_grad=None if skip_grad is None else C.row_major(skip_grad),
+        needs_weight_grad=needs_weight_grad)
+    if rows is not h:
+        dx = dx.view(h.shape)
+    return dx, dwb if dwb is not None else h.new_empty(0, dtype=C.accumulator_dtype(h.dtype))
 
 
 def _layer_norm_backward_fake(dy, h, weight, mean, rstd, skip_grad, needs_weight_grad):
-    n = h.shape[-1] if needs_weight_grad else 0
     acc = C.accumulator_dtype(h.dtype)
-    return h.new_empty(h.shape), h.new_empty(n, dtype=acc), h.new_empty(n, dtype=acc)
+    return h.new_empty(h.shape), h.new_empty((2, h.shape[-1]) if needs_weight_grad else 0, dtype=acc)
 
 
 def _eager_backward(dy, h, weight, mean, rstd, skip_grad, needs_weight_grad):
@@ -88,15 +94,20 @@ def _eager_backward(dy, h, weight, mean, rstd, skip_grad, needs_weight_grad):
     if skip_grad is not None:
         dx = dx + skip_grad.to(acc)
     if not needs_weight_grad:
-        return dx.to(h.dtype), h.new_empty(0, dtype=acc), h.new_empty(0, dtype=acc)
+        return dx.to(h.dtype), h.new_empty(0, dtype=acc)
     rows = h.shape[-1]
-    return dx.to(h.dtype), (dyf * xhat).reshape(-1, rows).sum(0), dyf.reshape(-1, rows).sum(0)
+    return dx.to(h.dtype), torch.stack(((dyf * xhat).reshape(-1, rows).sum(0), dyf.reshape(-1, rows).sum(0)))
 
 
-def _weight_grads(ctx, dw, db, weight, bias):
+def _weight_grads(ctx, dwb, weight, bias):
     needs_w = weight is not None and ctx.needs_input_grad[ctx.weight_index]
     needs_b = bias is not None and ctx.needs_input_grad[ctx.weight_index + 1]
-    return (dw.to(weight.dtype) if needs_w else None), (db.to(bias.dtype) if needs_b else None)
+    if not (needs_w or needs_b):
+        return None, None
+    if needs_w and needs_b and weight.dtype == bias.dtype:
+        dw, db = dwb.to(weight.dtype).unbind(0)  # one cast for both
+        return dw, db
+    return (dwb[0].to(weight.dtype) if needs_w else None), (dwb[1].to(bias.dtype) if needs_b else None)
 
 
 def _needs_weight_grad(ctx) -> bool:
@@ -117,8 +128,8 @@ def _layer_norm_backward(ctx, dy, _dmean, _drstd):
     x, weight, bias, mean, rstd = ctx.saved_tensors
     weight = weight if ctx.has_weight else None
     bias = bias if ctx.has_bias else None
-    dx, dw, db = call("layer_norm_backward", dy, x, weight, mean, rstd, None, _needs_weight_grad(ctx))
-    dw, db = _weight_grads(ctx, dw, db, weight, bias)
+    dx, dwb = call("layer_norm_backward", dy, x, weight, mean, rstd, None, _needs_weight_grad(ctx))
+    dw, db = _weight_grads(ctx, dwb, weight, bias)
     return dx, dw, db, None, None
 
 
@@ -143,8 +154,8 @@ def _add_layer_norm_backward(ctx, dy, dh, _dmean, _drstd):
     bias = bias if ctx.has_bias else None
     if dy is None:
         dy = torch.zeros_like(h)
-    dx, dw, db = call("layer_norm_backward", dy, h, weight, mean, rstd, dh, _needs_weight_grad(ctx))
-    dw, db = _weight_grads(ctx, dw, db, weight, bias)
+    dx, dwb = call("layer_norm_backward", dy, h, weight, mean, rstd, dh, _needs_weight_grad(ctx))
+    dw, db = _weight_grads(ctx, dwb, weight, bias)
     x_dtype, residual_dtype = ctx.input_dtypes
     return dx.to(x_dtype), dx.to(residual_dtype), dw, db, None, None
 
