@@ -475,7 +475,14 @@ def time_impl(name, fn, case, inputs, grad_outputs, device, args, ceilings) -> D
             ms = common.bench(step, device, warmup=args.warmup, rep=args.rep, host_iters=args.host_iters)
     except Exception as exc:
         return {"status": "error", "error": common.first_line(exc)}
-    return {"status": "ok", "ms": ms, "first_call_s": first_s, **rate(case, ms, ceilings)}
+    result = {"status": "ok", "ms": ms, "first_call_s": first_s, **rate(case, ms, ceilings)}
+    if args.graph and device.type == "cuda" and not name.startswith("compile"):
+        try:
+            with context():
+                result["graph_ms"] = common.bench_graph(step)
+        except Exception as exc:  # a baseline that cannot be captured keeps its plain timing
+            result["graph_error"] = common.first_line(exc)
+    return result
 
 
 def run_case(case: Case, device, dtype, args, ceilings) -> Dict[str, object]:
@@ -530,6 +537,10 @@ def summarize(record: Dict[str, object]) -> None:
                 t["speedup_of_fastvision"] = t["ms"] / ours["ms"]
         if ok:
             record["speedup_vs_best"] = ok[record["best_baseline"]] / ours["ms"]
+    graphed = {n: t["graph_ms"] for n, t in timings.items() if "graph_ms" in t and n != "fastvision"}
+    if "graph_ms" in ours and graphed:
+        best = min(graphed, key=graphed.get)
+        record["best_baseline_graph"], record["graph_speedup_vs_best"] = best, graphed[best] / ours["graph_ms"]
 
 
 # --------------------------------------------------------------------------- driver
@@ -570,7 +581,8 @@ def table_rows(results) -> List[Dict[str, object]]:
         rows.append({
             "op": r["op"], "mode": r["mode"], "shape": shape_label(r), "status": r["status"],
             "ours ms": ours.get("ms"), "best baseline": r.get("best_baseline"), "best ms": r.get("best_baseline_ms"),
-            "speedup": r.get("speedup_vs_best"), "rate": ours.get("tflops", ours.get("gbps")),
+            "speedup": r.get("speedup_vs_best"), "graph ms": ours.get("graph_ms"),
+            "graph speedup": r.get("graph_speedup_vs_best"), "rate": ours.get("tflops", ours.get("gbps")),
             "% ceiling": None if "fraction_of_ceiling" not in ours else 100 * ours["fraction_of_ceiling"],
             "rel err": r.get("correctness", {}).get("rel_err"),
         })
@@ -600,6 +612,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
                    help="default bfloat16 (float32 with --smoke, where the CPU interpreter runs the kernels)")
     p.add_argument("--max-seconds", type=float, default=None, help="skip remaining cases after this long")
+    p.add_argument("--no-graph", dest="graph", action="store_false",
+                   help="skip the CUDA-graph timings (device time without host launch cost)")
     p.add_argument("--warmup", type=float, default=None, help="do_bench warm-up, ms")
     p.add_argument("--rep", type=float, default=None, help="do_bench repetitions, ms")
     args = p.parse_args(argv)
@@ -662,7 +676,8 @@ def main(argv=None) -> Dict[str, object]:
     payload.update(plot=None if plot is None else os.path.basename(plot), complete=True, elapsed_s=budget.elapsed())
     common.write_json(json_path, payload)
     common.print_table(table_rows(results), ["op", "mode", "shape", "status", "ours ms", "best baseline", "best ms",
-                                             "speedup", "rate", "% ceiling", "rel err"],
+                                             "speedup", "graph ms", "graph speedup", "rate", "% ceiling",
+                                             "rel err"],
                        title=f"micro: {len(results)} cases in {budget.elapsed():.0f} s "
                              f"(rate: TFLOP/s for attention, GB/s otherwise)")
     return payload

@@ -70,9 +70,29 @@ def environment(device):
     return info
 
 
+def randomize_batchnorm(model: torch.nn.Module, seed: int = 0) -> None:
+    """Trained-looking BatchNorm statistics and affine parameters.
+
+    A fresh timm ResNet has mean 0, var 1, weight 1 (0 on each block's last BN) and bias 0:
+    folding then changes nothing and the residual branches are zero, so the error column
+    would compare nothing. Random values make the folded model's error a real check.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            c = m.num_features
+            with torch.no_grad():
+                m.running_mean.copy_(torch.randn(c, generator=generator) * 0.1)
+                m.running_var.copy_(torch.rand(c, generator=generator) * 0.5 + 0.75)
+                m.weight.copy_(torch.rand(c, generator=generator) * 0.5 + 0.5)
+                m.bias.copy_(torch.randn(c, generator=generator) * 0.1)
+
+
 def bench_model(args, device, dtype, time_ms):
     import timm
-    model = timm.create_model("resnet50", pretrained=False).eval().to(device, dtype)
+    model = timm.create_model("resnet50", pretrained=False)
+    randomize_batchnorm(model)
+    model = model.eval().to(device, dtype)
     model = model.to(memory_format=torch.channels_last)
     x = torch.randn(args.batch, 3, args.size, args.size, device=device, dtype=dtype)
     x = x.contiguous(memory_format=torch.channels_last)
@@ -114,7 +134,7 @@ def bench_layers(args, device, dtype, time_ms):
             row["eager_conv_bn_relu"] = time_ms(lambda: F.relu(bn(conv(x)) + res), args.warmup, args.reps)
             row["eager_folded_conv_relu"] = time_ms(lambda: F.relu(F.conv2d(x, w, b.to(dtype), stride, k // 2, 1,
                                                                             groups) + res), args.warmup, args.reps)
-            engines = ["epilogue", "cudnn_fused"] if device.type == "cuda" and ext is not None else ["epilogue"]
+            engines = ["epilogue", "cudnn_fused", "direct_depthwise"] if device.type == "cuda" and ext is not None else ["epilogue"]
             for engine in engines:
                 if ext is not None and device.type == "cuda":
                     ext.set_cuda_conv_engine(engine)

@@ -27,7 +27,8 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "fastvision C++/CUDA extension: ops are registered under torch.ops.fastvision";
   m.def("built_with_cuda", &built_with_cuda, "True when the CUDA kernels were compiled into this build");
   m.def("set_cuda_conv_engine", &fastvision::set_cuda_conv_engine, pybind11::arg("engine"),
-        "conv_bn_act on CUDA: 'epilogue' (cuDNN conv + fastvision epilogue kernel, direct depthwise kernel; "
-        "default) or 'cudnn_fused' (cuDNN conv+bias+ReLU / conv+add+ReLU where they apply)");
+        "conv_bn_act on CUDA: 'epilogue' (cuDNN conv + fastvision epilogue kernel; default), 'cudnn_fused' "
+        "(cuDNN conv+bias+ReLU / conv+add+ReLU where they apply) or 'direct_depthwise' (as epilogue, with "
+        "fastvision's direct 3x3 depthwise kernel)");
   m.def("cuda_conv_engine", &fastvision::cuda_conv_engine, "The engine set by set_cuda_conv_engine");
 }

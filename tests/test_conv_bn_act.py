@@ -270,7 +270,7 @@ def test_frozen_bn_gradients_match_float64():
 @pytest.mark.gpu
 @needs_extension
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("engine", ("epilogue", "cudnn_fused"))
+@pytest.mark.parametrize("engine", ("epilogue", "cudnn_fused", "direct_depthwise"))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_cuda_engines_match_float64(engine, dtype, fmt):

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import accumulator_dtype, cdiv, new_output, next_power_of_2, pointer, reduction_programs
+from ._launch import accumulator_dtype, cdiv, new_output, next_power_of_2, pointer, reduction_programs, rows_of
 
 SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 INV_SQRT_2 = tl.constexpr(0.7071067811865476)
@@ -166,21 +166,24 @@ def _bias_blocks(N):
 
 
 def bias_gelu_fwd(x, bias, approximate_tanh: bool):
-    """x: (M, N) with unit column stride, bias: (N,)."""
-    M, N = x.shape
-    y = new_output((M, N), dtype=x.dtype, device=x.device)
+    """x: contiguous, or (M, N) with unit column stride; bias: (N,). y has x's shape."""
+    M, stride_x = rows_of(x)
+    N = x.shape[-1]
+    y = new_output(x.shape, dtype=x.dtype, device=x.device)
     if M and N:
         block_m, block_n = _bias_blocks(N)
         grid = (cdiv(M, block_m), cdiv(N, block_n))
-        bias_gelu_fwd_kernel[grid](x, bias, y, M, N, x.stride(0), y.stride(0), APPROX_TANH=approximate_tanh,
+        bias_gelu_fwd_kernel[grid](x, bias, y, M, N, stride_x, N, APPROX_TANH=approximate_tanh,
                                    BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
     return y
 
 
 def bias_gelu_bwd(dy, x, bias, approximate_tanh: bool):
-    """Returns dx (dtype of x) and dbias (float32, float64 for float64 inputs)."""
-    M, N = x.shape
-    dx = new_output((M, N), dtype=x.dtype, device=x.device)
+    """dy, x: contiguous, or (M, N) with unit column stride. Returns dx (x's shape and dtype)
+    and dbias (float32, float64 for float64 inputs)."""
+    M, stride_x = rows_of(x)
+    N = x.shape[-1]
+    dx = new_output(x.shape, dtype=x.dtype, device=x.device)
     if not (M and N):
         return dx, dx.new_zeros(N, dtype=accumulator_dtype(x.dtype))
     block_m, block_n = _bias_blocks(N)
@@ -189,7 +192,7 @@ def bias_gelu_bwd(dy, x, bias, approximate_tanh: bool):
     programs = cdiv(M, rows_per_program)
     db_partial = new_output((programs, N), dtype=accumulator_dtype(x.dtype), device=x.device)
     bias_gelu_bwd_kernel[(programs, cdiv(N, block_n))](
-        dy, x, bias, dx, db_partial, M, N, dy.stride(0), x.stride(0), dx.stride(0), rows_per_program,
+        dy, x, bias, dx, db_partial, M, N, rows_of(dy)[1], stride_x, N, rows_per_program,
         APPROX_TANH=approximate_tanh, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
     return dx, db_partial.sum(0)
 

@@ -1,6 +1,6 @@
-// conv_bn_act on CUDA: the direct depthwise kernel where it applies, otherwise ATen's convolution
-// (cuDNN) followed by fastvision's one-pass epilogue kernel; optionally cuDNN's own fused
-// conv+bias+ReLU / conv+bias+add+ReLU (set_cuda_conv_engine("cudnn_fused")).
+// conv_bn_act on CUDA: ATen's convolution (cuDNN) followed by fastvision's one-pass epilogue
+// kernel; optionally cuDNN's own fused conv+bias+ReLU / conv+bias+add+ReLU
+// (set_cuda_conv_engine("cudnn_fused")) or the direct 3x3 depthwise kernel ("direct_depthwise").
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -79,7 +79,8 @@ at::Tensor conv_bn_act_cuda(const at::Tensor& input, const at::Tensor& weight, c
   const at::Tensor s = epilogue_vector(scale, acc), b = epilogue_vector(shift, acc);
   const at::Tensor r = residual.has_value() && residual->defined() ? residual->contiguous(fmt) : at::Tensor();
   const EpilogueArgs e{optional_ptr(s), optional_ptr(b), relu};
-  if (is_depthwise3x3(input, weight, p)) return depthwise3x3(input, weight, r, e, p, fmt);
+  if (current_conv_engine() == ConvEngine::kDirectDepthwise && is_depthwise3x3(input, weight, p))
+    return depthwise3x3(input, weight, r, e, p, fmt);
   at::Tensor fused = try_cudnn_fused(input, weight, scale, shift, r, p, relu, fmt);
   if (fused.defined()) return fused;
   at::Tensor out = at::convolution(input, weight, std::nullopt, stride, padding, dilation, false, {0, 0}, groups)

@@ -18,7 +18,7 @@ def _kernels():
 def _gelu_impl(x: Tensor, approximate: str) -> Tensor:
     if not C.use_triton(x):
         return F.gelu(x, approximate=approximate)
-    return _kernels().gelu_fwd(x.contiguous(), approximate == "tanh").view(x.shape)
+    return _kernels().gelu_fwd(x.contiguous(), approximate == "tanh")
 
 
 def _gelu_fake(x, approximate):
@@ -28,7 +28,7 @@ def _gelu_fake(x, approximate):
 def _gelu_backward_impl(dy: Tensor, x: Tensor, approximate: str) -> Tensor:
     if not C.use_triton(x):
         return torch.ops.aten.gelu_backward(dy, x, approximate=approximate)
-    return _kernels().gelu_bwd(dy.contiguous(), x.contiguous(), approximate == "tanh").view(x.shape)
+    return _kernels().gelu_bwd(dy.contiguous(), x.contiguous(), approximate == "tanh")
 
 
 def _gelu_backward_fake(dy, x, approximate):
@@ -53,8 +53,9 @@ define("gelu", _gelu_impl, _gelu_fake, setup_context=_setup_gelu, backward=_gelu
 def _bias_gelu_impl(x: Tensor, bias: Tensor, approximate: str) -> Tensor:
     if not C.use_triton(x):
         return F.gelu(x + bias, approximate=approximate)
-    N = x.shape[-1]
-    return _kernels().bias_gelu_fwd(C.as_rows(x, N), bias.contiguous(), approximate == "tanh").view(x.shape)
+    rows = C.row_major(x)
+    y = _kernels().bias_gelu_fwd(rows, bias.contiguous(), approximate == "tanh")
+    return y if rows is x else y.view(x.shape)
 
 
 def _bias_gelu_fake(x, bias, approximate):
@@ -66,8 +67,9 @@ def _bias_gelu_backward_impl(dy: Tensor, x: Tensor, bias: Tensor, approximate: s
     if not C.use_triton(x):
         dx = torch.ops.aten.gelu_backward(dy, x + bias, approximate=approximate).to(x.dtype)
         return dx, dx.reshape(-1, N).sum(0, dtype=C.accumulator_dtype(x.dtype))
-    dx, db = _kernels().bias_gelu_bwd(C.as_rows(dy, N), C.as_rows(x, N), bias.contiguous(), approximate == "tanh")
-    return dx.view(x.shape), db
+    rows = C.row_major(x)
+    dx, db = _kernels().bias_gelu_bwd(C.row_major(dy), rows, bias.contiguous(), approximate == "tanh")
+    return (dx if rows is x else dx.view(x.shape)), db
 
 
 def _bias_gelu_backward_fake(dy, x, bias, approximate):

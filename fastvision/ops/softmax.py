@@ -11,7 +11,9 @@ from ._dispatch import call, define
 def _softmax_impl(x: Tensor) -> Tensor:
     if not C.use_triton(x):
         return torch.softmax(x, dim=-1)
-    return C.triton_kernels.softmax.softmax_fwd(C.as_rows(x, x.shape[-1])).view(x.shape)
+    rows = C.row_major(x)
+    y = C.triton_kernels.softmax.softmax_fwd(rows)
+    return y if rows is x else y.view(x.shape)
 
 
 def _softmax_fake(x):
@@ -21,8 +23,9 @@ def _softmax_fake(x):
 def _softmax_backward_impl(dy: Tensor, y: Tensor) -> Tensor:
     if not C.use_triton(y):
         return y * (dy - (dy * y).sum(-1, keepdim=True))
-    N = y.shape[-1]
-    return C.triton_kernels.softmax.softmax_bwd(C.as_rows(dy, N), C.as_rows(y, N)).view(y.shape)
+    rows = C.row_major(y)
+    dx = C.triton_kernels.softmax.softmax_bwd(C.row_major(dy), rows)
+    return dx if rows is y else dx.view(y.shape)
 
 
 def _softmax_backward_fake(dy, y):
