@@ -3,9 +3,9 @@
 #
 #   bash benchmarks/gpu_suite.sh OUTDIR
 #
-# Files (8 with every step): env.txt, build.log, gpu_tests.log, gpu_tests.xml, bench.log,
-# micro/micro.json, micro/micro.png, models/models.json (plus resnet.json, dino_step.json when those
-# benchmarks exist). Every step runs under `timeout` and a failing step does not stop the next.
+# Files (at most 8, what the device tool returns): env.txt, build.log, gpu_tests.log, bench.log,
+# micro/micro.json, micro/micro.png, models/models.json, and suite.json, which holds the other
+# benchmarks' JSON (host_overhead, host_breakdown, resnet, dino_step, verify) under their names. Every step runs under `timeout` and a failing step does not stop the next.
 #
 # Environment:
 #   SUITE_STEPS       comma-separated steps to run (default env,build,tests,host,micro,models,hooks,verify),
@@ -93,7 +93,7 @@ if wants tests; then
   per_test=()
   "$PY" -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 120)
   run_step tests "$GPU_TEST_SECONDS" "$OUT/gpu_tests.log" \
-    "$PY" -m pytest ${GPU_TESTS:-tests} -m gpu -q --maxfail=20 -p no:cacheprovider "${per_test[@]}" --junitxml "$OUT/gpu_tests.xml"
+    "$PY" -m pytest ${GPU_TESTS:-tests} -m gpu -q --maxfail=20 -p no:cacheprovider -o faulthandler_timeout=60 "${per_test[@]}"
   tail -3 "$OUT/gpu_tests.log" | sed 's/^/   tests: /'
 fi
 
@@ -118,6 +118,7 @@ fi
 
 if wants host; then  # host time per fused call vs eager (what limited the patched models on 2026-11-26)
   run_step host 120 "$OUT/bench.log" "$PY" -m benchmarks.host_overhead --out "$OUT/host_overhead.json"
+  run_step host-layers 90 "$OUT/bench.log" "$PY" -m benchmarks.host_breakdown --out "$OUT/host_breakdown.json"
 fi
 
 if wants verify; then  # fastvision.verify on full-size ViT-S/16 and ViT-B/16 in bf16 on the GPU
@@ -128,3 +129,14 @@ echo
 echo "== summary ($(( $(date +%s) - SUITE_START ))s, outputs in $OUT)"
 printf '%s\n' "${SUMMARY[@]}"
 "$PY" -m benchmarks.summary "$OUT" 2>&1 | cut -c1-220
+"$PY" - "$OUT" <<'PY'  # the top-level JSON files into one suite.json (the 8-file limit)
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+files = sorted(p for p in out.glob("*.json") if p.name != "suite.json")
+if files:
+    bundle = {p.stem: json.loads(p.read_text()) for p in files}
+    (out / "suite.json").write_text(json.dumps(bundle, indent=1))
+    for p in files:
+        p.unlink()
+    print("suite.json:", ", ".join(bundle))
+PY

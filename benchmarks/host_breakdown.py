@@ -46,16 +46,17 @@ def _grad_step(fn: Callable, *inputs):
 def softmax_layers(device, dtype) -> Dict[str, Callable[[], object]]:
     from fastvision import ops
     from fastvision.triton_kernels import softmax as kernels
-    from fastvision.triton_kernels._launch import warps_for_row
+    from fastvision.triton_kernels._launch import cdiv
     x = torch.randn(8, 197, device=device, dtype=dtype, requires_grad=True)
     x0 = x.detach()
     y = torch.empty_like(x0)
     dy = torch.randn_like(x0)
     block = kernels._block(197)[0]
+    rows, warps = kernels._tile(block, True)
 
     def raw_launch():
-        kernels.softmax_fwd_kernel[(8,)](x0, y, x0.stride(0), y.stride(0), 197, BLOCK_N=block, SINGLE_BLOCK=True,
-                                         num_warps=warps_for_row(block))
+        kernels.softmax_fwd_kernel[(cdiv(8, rows),)](x0, y, x0.stride(0), y.stride(0), 8, 197, BLOCK_N=block,
+                                                     ROWS=rows, SINGLE_BLOCK=True, num_warps=warps)
     return {
         "eager fwd": lambda: torch.softmax(x0, -1),
         "raw triton launch": raw_launch,
@@ -113,19 +114,21 @@ def backward_thread_layers(device, dtype) -> Dict[str, Callable[[], object]]:
     """The same host work timed in the main thread and inside a backward pass."""
     from fastvision.ops._dispatch import call
     from fastvision.triton_kernels import softmax as kernels
-    from fastvision.triton_kernels._launch import warps_for_row
+    from fastvision.triton_kernels._launch import cdiv
     x = torch.randn(8, 197, device=device, dtype=dtype, requires_grad=True)
     y, dx = torch.softmax(x.detach(), -1), torch.empty_like(x.detach())
     block = kernels._block(197)[0]
-    args = (y, y, dx, y.stride(0), y.stride(0), dx.stride(0), 197)
-    meta = dict(BLOCK_N=block, SINGLE_BLOCK=True, num_warps=warps_for_row(block))
-    compiled = kernels.softmax_bwd_kernel[(8,)](*args, **meta)
-    runner = compiled[(8, 1, 1)] if compiled is not None else (lambda *a: None)  # None on the interpreter
+    rows, warps = kernels._tile(block, True)
+    args = (y, y, dx, y.stride(0), y.stride(0), dx.stride(0), 8, 197)
+    meta = dict(BLOCK_N=block, ROWS=rows, SINGLE_BLOCK=True, num_warps=warps)
+    grid = (cdiv(8, rows),)
+    compiled = kernels.softmax_bwd_kernel[grid](*args, **meta)
+    runner = compiled[grid + (1, 1)] if compiled is not None else (lambda *a: None)  # None on the interpreter
     works = {
         "nothing": lambda dy: None,
         "torch.empty_like": lambda dy: torch.empty_like(dy),
-        "jit launch": lambda dy: kernels.softmax_bwd_kernel[(8,)](*args, **meta),
-        "compiled-kernel launch": lambda dy: runner(*args, block, True),
+        "jit launch": lambda dy: kernels.softmax_bwd_kernel[grid](*args, **meta),
+        "compiled-kernel launch": lambda dy: runner(*args, block, rows, True),
         "launcher softmax_bwd": lambda dy: kernels.softmax_bwd(y, y),
         "call softmax_backward": lambda dy: call("softmax_backward", y, y),
     }
@@ -240,9 +243,11 @@ def main(argv=None):
             else:
                 results[f"{op}: {name}"] = round(per_call_us(fn, device, calls), 2)
             print(f"{op + ': ' + name:<60}{results[f'{op}: {name}']:>10} µs", flush=True)
-    common.write_json(args.out, {"env": common.environment_info(device), "dtype": str(dtype), "us_per_call": results})
+    payload = {"env": common.environment_info(device), "dtype": str(dtype), "us_per_call": results}
+    common.write_json(args.out, payload)
     if args.profile:
         profile_table(device, dtype, args.profile)
+    return payload
 
 
 if __name__ == "__main__":

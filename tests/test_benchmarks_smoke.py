@@ -170,3 +170,20 @@ def test_host_overhead_smoke(tmp_path):
     assert ("layer_norm", "fwd") in ops and ("attention_qkvpacked", "fwd+bwd") in ops
     assert all(r["fastvision_us"] > 0 and r["eager_us"] > 0 for r in result["results"])
     assert (tmp_path / "host.json").exists()
+
+
+def test_host_breakdown_smoke(tmp_path):
+    from benchmarks import host_breakdown
+
+    result = host_breakdown.main(["--smoke", "--out", str(tmp_path / "layers.json")])
+    times = result["us_per_call"]
+    assert times["softmax: eager fwd"] > 0 and times["probe: inside backward: launcher softmax_bwd"] > 0
+    assert times["autograd: ops.softmax fwd+bwd"] > 0 and (tmp_path / "layers.json").exists()
+
+
+def test_host_python_measures_every_op_with_launches_stubbed():
+    from benchmarks import host_python
+
+    rows = host_python.measure(calls=10)
+    assert {r["op"] for r in rows} >= {"layer_norm", "add_layer_norm", "bias_gelu", "softmax", "attention_qkvpacked"}
+    assert all(r[k] > 0 for r in rows for k in ("fwd", "eager fwd", "fwd+bwd", "eager fwd+bwd"))
