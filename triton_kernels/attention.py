@@ -13,7 +13,7 @@ Backward (recompute, no atomics, deterministic):
     dv = pᵀ dO,  dk = dsᵀ q · scale   (one program per key block, loops over queries)
     dq = ds k · scale                  (one program per query block, loops over keys)
 
-q, k, v are (B, H, N, d) views with unit stride along d and any other strides, so the
+q, k, v are (B, H, N, d) (or (B, N, H, d)) views with unit stride along d and any other strides, so the
 packed (B, N, 3, H, d) output of a qkv Linear is read in place. Head dims that are not
 a power of two (80, 96) are padded to D_PAD inside the kernel with masked loads.
 """
@@ -438,9 +438,21 @@ def _launch(kernel, grid_axis, tensor, n, programs_per_row, *args, **meta):
     launch(cfg)
 
 
-def _strides(t, varlen: bool = False):
-    """(batch, head, row) strides of a (B, H, N, d) view; packed sequences all sit in batch 0."""
-    return 0 if varlen else t.stride(0), t.stride(1), t.stride(2)
+def _dims(t, heads_last: bool):
+    """(B, H, N, d) of a (B, H, N, d) tensor, or of a (B, N, H, d) one when ``heads_last``."""
+    if heads_last:
+        B, N, H, d = t.shape
+        return B, H, N, d
+    return tuple(t.shape)
+
+
+def _strides(t, varlen: bool = False, heads_last: bool = False):
+    """(batch, head, row) strides of a (B, H, N, d) tensor, or a (B, N, H, d) one when ``heads_last``;
+    packed sequences all sit in batch 0."""
+    batch = 0 if varlen else t.stride(0)
+    if heads_last:
+        return batch, t.stride(2), t.stride(1)
+    return batch, t.stride(1), t.stride(2)
 
 
 def head_dim_padded(d: int) -> int:
@@ -451,49 +463,49 @@ def dot_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
     return "tf32" if dtype == torch.float32 and allow_tf32 else "ieee"
 
 
-def _bias_args(bias, q):
+def _bias_args(bias, q, dims):
     """Pointer and strides of a bias broadcast to (B, H, N, N); a dummy pointer when absent."""
     if bias is None:
         return (q, 0, 0, 0, 0)
-    B, H, N, _ = q.shape
+    B, H, N, _ = dims
     bias = bias.expand(B, H, N, N)
     return (bias, *bias.stride())
 
 
-def _geometry(q, cu_seqlens, max_seqlen):
+def _geometry(dims, cu_seqlens, max_seqlen):
     """(programs along grid axis 1, length that sizes grid axis 0, lse strides (per batch, per head))."""
-    B, H, N, _ = q.shape
+    B, H, N, _ = dims
     if cu_seqlens is None:
         return B * H, N, (H * N, N)
     return (cu_seqlens.numel() - 1) * H, max_seqlen, (0, N)
 
 
 def attention_fwd(q, k, v, *, scale: float, bias=None, n_rows: int = 0, allow_tf32: bool = False,
-                  heads_last_output: bool = False, cu_seqlens=None, max_seqlen: int = 0):
-    """(out, lse, rows) for (B, H, N, d) views q, k, v with unit stride along d.
+                  heads_last: bool = False, cu_seqlens=None, max_seqlen: int = 0):
+    """(out, lse, rows) for q, k, v: (B, H, N, d) tensors with unit stride along d, or (B, N, H, d)
+    ones when ``heads_last`` (e.g. views into timm's packed qkv), other strides arbitrary.
 
-    out is (B, H, N, d) (a view of a (B, N, H, d) buffer when heads_last_output), lse is
-    the base-2 log-sum-exp per row, (B*H, N); rows holds softmax of the first n_rows
-    query rows, (B, H, n_rows, N) (empty when n_rows is 0). With ``cu_seqlens`` (int32
-    offsets of packed sequences, B = 1, N = all tokens) each token attends only within its
-    own sequence, the longest being ``max_seqlen``; no bias or rows then.
+    out has the layout of q (allocated contiguous), lse is the base-2 log-sum-exp per row,
+    (B*H, N); rows holds softmax of the first n_rows query rows, (B, H, n_rows, N) (empty
+    when n_rows is 0). With ``cu_seqlens`` (int32 offsets of packed sequences, B = 1, N =
+    all tokens) each token attends only within its own sequence, the longest being
+    ``max_seqlen``; no bias or rows then.
     """
-    B, H, N, d = q.shape
+    dims = _dims(q, heads_last)
+    B, H, N, d = dims
     varlen = cu_seqlens is not None
     acc = accumulator_dtype(q.dtype)
-    if heads_last_output:
-        out = new_output((B, N, H, d), dtype=q.dtype, device=q.device).transpose(1, 2)
-    else:
-        out = new_output((B, H, N, d), dtype=q.dtype, device=q.device)
+    out = new_output(q.shape, dtype=q.dtype, device=q.device)
     lse = new_output((B * H, N), dtype=acc, device=q.device)
     rows = new_output((B, H, n_rows, N), dtype=q.dtype, device=q.device)
     rows_arg = rows if n_rows else out
     rows_strides = rows.stride()[:3] if n_rows else (0, 0, 0)
-    programs, grid_len, lse_strides = _geometry(q, cu_seqlens, max_seqlen)
+    programs, grid_len, lse_strides = _geometry(dims, cu_seqlens, max_seqlen)
+    bias_ptr, *bias_strides = _bias_args(bias, q, dims)
     _launch(attention_fwd_kernel, "BLOCK_M", q, grid_len, programs,
-            q, k, v, _bias_args(bias, q)[0], out, lse, rows_arg, q if cu_seqlens is None else cu_seqlens,
-            *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_bias_args(bias, q)[1:],
-            *_strides(out, varlen), *rows_strides, *lse_strides,
+            q, k, v, bias_ptr, out, lse, rows_arg, q if cu_seqlens is None else cu_seqlens,
+            *_strides(q, varlen, heads_last), *_strides(k, varlen, heads_last), *_strides(v, varlen, heads_last),
+            *bias_strides, *_strides(out, varlen, heads_last), *rows_strides, *lse_strides,
             H, N, scale * math.log2(math.e), 1.0 / scale,
             HEAD_DIM=d, D_PAD=head_dim_padded(d), HAS_BIAS=bias is not None, N_ROWS=n_rows,
             PRECISION=dot_precision(q.dtype, allow_tf32), VARLEN=varlen)
@@ -501,28 +513,32 @@ def attention_fwd(q, k, v, *, scale: float, bias=None, n_rows: int = 0, allow_tf
 
 
 def attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, *, scale: float, bias=None, allow_tf32: bool = False,
-                  cu_seqlens=None, max_seqlen: int = 0):
-    """Write dq, dk, dv (preallocated (B, H, N, d) views, e.g. slices of a packed dqkv)."""
-    B, H, N, d = q.shape
+                  heads_last: bool = False, cu_seqlens=None, max_seqlen: int = 0):
+    """Write dq, dk, dv (preallocated, e.g. slices of a packed dqkv); every tensor in q's layout."""
+    dims = _dims(q, heads_last)
+    B, H, N, d = dims
     varlen = cu_seqlens is not None
     d_pad = head_dim_padded(d)
-    programs, grid_len, lse_strides = _geometry(q, cu_seqlens, max_seqlen)
+    programs, grid_len, lse_strides = _geometry(dims, cu_seqlens, max_seqlen)
     cu = q if cu_seqlens is None else cu_seqlens
+
+    def strides(t):
+        return _strides(t, varlen, heads_last)
+
     delta = torch.empty((B * H, N), dtype=lse.dtype, device=q.device)
     attention_bwd_delta_kernel[(cdiv(grid_len, DELTA_BLOCK_M), programs)](
-        out, dout, delta, cu, *_strides(out, varlen), *_strides(dout, varlen), *lse_strides, H, N,
+        out, dout, delta, cu, *strides(out), *strides(dout), *lse_strides, H, N,
         HEAD_DIM=d, D_PAD=d_pad, BLOCK_M=DELTA_BLOCK_M, VARLEN=varlen)
-    bias_ptr, *bias_strides = _bias_args(bias, q)
-    common = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *bias_strides,
-              *_strides(dout, varlen))
+    bias_ptr, *bias_strides = _bias_args(bias, q, dims)
+    common = (*strides(q), *strides(k), *strides(v), *bias_strides, *strides(dout))
     meta = dict(HEAD_DIM=d, D_PAD=d_pad, HAS_BIAS=bias is not None, PRECISION=dot_precision(q.dtype, allow_tf32),
                 VARLEN=varlen)
     scale_log2 = scale * math.log2(math.e)
     _launch(attention_bwd_dkdv_kernel, "BLOCK_N", q, grid_len, programs,
-            q, k, v, bias_ptr, dout, lse, delta, dk, dv, cu, *common, *_strides(dk, varlen), *_strides(dv, varlen),
+            q, k, v, bias_ptr, dout, lse, delta, dk, dv, cu, *common, *strides(dk), *strides(dv),
             *lse_strides, H, N, scale, scale_log2, 1.0 / scale, **meta)
     _launch(attention_bwd_dq_kernel, "BLOCK_M", q, grid_len, programs,
-            q, k, v, bias_ptr, dout, lse, delta, dq, cu, *common, *_strides(dq, varlen),
+            q, k, v, bias_ptr, dout, lse, delta, dq, cu, *common, *strides(dq),
             *lse_strides, H, N, scale, scale_log2, 1.0 / scale, **meta)
     return dq, dk, dv
 

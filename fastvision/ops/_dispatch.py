@@ -50,23 +50,38 @@ def define(name: str, impl: Callable, fake: Callable, *, setup_context: Optional
     return op
 
 
-def is_compiling() -> bool:
+def _resolve_is_compiling():
     compiler = getattr(torch, "compiler", None)
     if compiler is not None and hasattr(compiler, "is_compiling"):
-        return compiler.is_compiling()
-    return torch._dynamo.is_compiling()
+        return compiler.is_compiling
+    return torch._dynamo.is_compiling
 
 
-def _functorch_active() -> bool:
-    check = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return bool(check and check())
+is_compiling = _resolve_is_compiling()
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", None) or (lambda: False)
+
+
+def _scan(args):
+    """(tracing, needs_autograd) in one pass over the arguments.
+
+    tracing: the op must go through the dispatcher (compilation, fake tensors, dispatch modes,
+    functorch transforms, tensor subclasses); needs_autograd: a tensor argument requires grad
+    while grad mode is on.
+    """
+    if is_compiling() or _get_current_dispatch_mode() is not None or _functorch_active():
+        return True, False
+    requires_grad = False
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if type(a) not in _PLAIN_TENSOR_TYPES:
+                return True, False
+            requires_grad = requires_grad or a.requires_grad
+    return False, requires_grad and torch.is_grad_enabled()
 
 
 def tracing(args) -> bool:
     """True when the op must go through the dispatcher: compilation, fake tensors, modes, transforms."""
-    if is_compiling() or _get_current_dispatch_mode() is not None or _functorch_active():
-        return True
-    return any(isinstance(a, torch.Tensor) and type(a) not in _PLAIN_TENSOR_TYPES for a in args)
+    return _scan(args)[0]
 
 
 class _Direct(torch.autograd.Function):
@@ -95,15 +110,12 @@ class _Direct(torch.autograd.Function):
         return (*(result if isinstance(result, tuple) else (result,)), None)
 
 
-def _needs_autograd(args) -> bool:
-    return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
-
-
 def call(name: str, *args):
     """fastvision::name(*args): direct in eager mode, through the dispatcher when traced."""
     entry = REGISTRY[name]
-    if tracing(args):
+    traced, needs_autograd = _scan(args)
+    if traced:
         return entry.op(*args)
-    if entry.backward is None or not _needs_autograd(args):
+    if entry.backward is None or not needs_autograd:
         return entry.impl(*args)
     return _Direct.apply(*args, entry)

@@ -133,10 +133,9 @@ def _attention_qkvpacked_impl(qkv: Tensor, bias: Optional[Tensor], scale: float,
     if not C.use_triton(qkv):
         out, lse, rows = _eager_forward(*_unpack(qkv), bias, scale, n_rows)
         return out.transpose(1, 2).contiguous(), lse, rows
-    q, k, v = _unpack(_unit_stride(qkv))
-    out, lse, rows = _kernels().attention_fwd(q, k, v, scale=scale, bias=bias, n_rows=n_rows, allow_tf32=allow_tf32,
-                                              heads_last_output=True)
-    return out.transpose(1, 2), lse, rows
+    q, k, v = _unit_stride(qkv).unbind(2)  # (B, N, H, d) views, read in place
+    return _kernels().attention_fwd(q, k, v, scale=scale, bias=bias, n_rows=n_rows, allow_tf32=allow_tf32,
+                                    heads_last=True)
 
 
 def _attention_packed_fake(qkv, bias, scale, n_rows, allow_tf32):
@@ -147,13 +146,12 @@ def _attention_packed_fake(qkv, bias, scale, n_rows, allow_tf32):
 
 def _attention_qkvpacked_backward_impl(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, bias: Optional[Tensor],
                                   scale: float, allow_tf32: bool) -> Tensor:
-    dout_heads, out_heads = dout.transpose(1, 2), out.transpose(1, 2)
     if not C.use_triton(qkv):
-        grads = _eager_backward(dout_heads, *_unpack(qkv), out_heads, lse, bias, scale)
+        grads = _eager_backward(dout.transpose(1, 2), *_unpack(qkv), out.transpose(1, 2), lse, bias, scale)
         return torch.stack([g.transpose(1, 2) for g in grads], dim=2)
     dqkv = _new_grad(qkv)
-    _kernels().attention_bwd(_unit_stride(dout_heads), *_unpack(_unit_stride(qkv)), out_heads, lse, *_unpack(dqkv),
-                             scale=scale, bias=bias, allow_tf32=allow_tf32)
+    _kernels().attention_bwd(_unit_stride(dout), *_unit_stride(qkv).unbind(2), out, lse, *dqkv.unbind(2),
+                             scale=scale, bias=bias, allow_tf32=allow_tf32, heads_last=True)
     return dqkv
 
 
@@ -380,10 +378,10 @@ def _attention_varlen_impl(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, sca
             _run_heads(out, start, length, count).copy_(run_out)
             lse[:, start:start + length * count] = run_lse.view(count, H, length).transpose(0, 1).reshape(H, -1)
         return out, lse
-    q, k, v = _unpack(_unit_stride(qkv)[None])
-    out, lse, _ = _kernels().attention_fwd(q, k, v, scale=scale, allow_tf32=allow_tf32, heads_last_output=True,
+    q, k, v = _unit_stride(qkv)[None].unbind(2)  # (1, T, H, d) views
+    out, lse, _ = _kernels().attention_fwd(q, k, v, scale=scale, allow_tf32=allow_tf32, heads_last=True,
                                            cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
-    return out.transpose(1, 2)[0], lse
+    return out[0], lse
 
 
 def _attention_varlen_fake(qkv, cu_seqlens, max_seqlen, scale, allow_tf32):
@@ -406,10 +404,8 @@ def _attention_varlen_backward_impl(dout: Tensor, qkv: Tensor, out: Tensor, lse:
                 _run_heads(dqkv[:, i], start, length, count).copy_(g)
         return dqkv
     dqkv = _new_grad(qkv)
-    q, k, v = _unpack(_unit_stride(qkv)[None])
-    dq, dk, dv = _unpack(dqkv[None])
-    dout_heads, out_heads = _unit_stride(dout)[None].transpose(1, 2), out[None].transpose(1, 2)
-    _kernels().attention_bwd(dout_heads, q, k, v, out_heads, lse, dq, dk, dv, scale=scale, allow_tf32=allow_tf32,
+    _kernels().attention_bwd(_unit_stride(dout)[None], *_unit_stride(qkv)[None].unbind(2), out[None], lse,
+                             *dqkv[None].unbind(2), scale=scale, allow_tf32=allow_tf32, heads_last=True,
                              cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
     return dqkv
 

@@ -202,6 +202,37 @@ def _last_dim_view(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], 
     return x.reshape(*x.shape[: x.dim() - len(shape)], -1), fold(weight), fold(bias)
 
 
+_NOT_COMMON = object()
+
+
+def _common_case(x, normalized_shape, weight, bias, out_dtype):
+    """The usual call, recognised cheaply: a module's own parameters, a 1-D normalized_shape, a
+    supported input where the kernel runs. Returns the output dtype to ask for (autocast's
+    float32 unless ``out_dtype`` is given), or _NOT_COMMON: every other call takes the full
+    checks, which name what is wrong or why the kernel declines."""
+    if type(normalized_shape) is tuple and len(normalized_shape) == 1:
+        n = normalized_shape[0]
+    elif type(normalized_shape) is int:
+        n = normalized_shape
+    else:
+        return _NOT_COMMON
+    if not (isinstance(x, Tensor) and x.dtype in C.FLOATING_DTYPES and x.dim() and x.shape[-1] == n):
+        return _NOT_COMMON
+    if not x.is_cuda and C.device_decline(x) is not None:
+        return _NOT_COMMON
+    params = C.FLOATING_DTYPES
+    if torch.is_autocast_enabled(x.device.type):
+        if not x.is_cuda:
+            return _NOT_COMMON
+        params, out_dtype = (torch.float32,), out_dtype or torch.float32  # autocast runs LayerNorm in fp32
+    device = x.device
+    for t in (weight, bias):
+        if t is not None and not (isinstance(t, Tensor) and t.dtype in params and t.dim() == 1 and t.shape[0] == n
+                                  and t.device == device):
+            return _NOT_COMMON
+    return out_dtype
+
+
 def layer_norm(x: Tensor, normalized_shape, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                eps: float = 1e-5, *, out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """Drop-in for F.layer_norm: the fused kernel where supported, else F.layer_norm itself.
@@ -211,6 +242,9 @@ def layer_norm(x: Tensor, normalized_shape, weight: Optional[Tensor] = None, bia
     read as it is instead of being copied to float32 first. ``out_dtype`` overrides the
     output dtype (e.g. the autocast dtype when the consumer is a Linear that casts anyway).
     """
+    common = _common_case(x, normalized_shape, weight, bias, out_dtype)
+    if common is not _NOT_COMMON:
+        return call("layer_norm", x, weight, bias, float(eps), common)[0]
     shape = _validate(x, normalized_shape, weight, bias)
     autocast_dtype = C.autocast_dtype_for(x.device.type, "fp32")
     weight, bias = C.autocast_cast(autocast_dtype, weight, bias)
@@ -232,6 +266,11 @@ def add_layer_norm(x: Tensor, residual: Tensor, normalized_shape, weight: Option
     under CUDA autocast the normalised output is float32, as eager autocast gives, unless
     ``out_dtype`` says otherwise.
     """
+    common = _common_case(x, normalized_shape, weight, bias, out_dtype)
+    if (common is not _NOT_COMMON and isinstance(residual, Tensor) and residual.shape == x.shape
+            and residual.dtype in C.FLOATING_DTYPES and residual.device == x.device):
+        y, h, _, _ = call("add_layer_norm", x, residual, weight, bias, float(eps), common)
+        return y, h
     shape = _validate(x, normalized_shape, weight, bias, residual)
     autocast_dtype = C.autocast_dtype_for(x.device.type, "fp32")
     weight, bias = C.autocast_cast(autocast_dtype, weight, bias)
