@@ -87,3 +87,14 @@ def test_gelu_module_is_drop_in(approximate):
 def test_gelu_bad_input_names_the_argument(bad, match):
     with pytest.raises((ValueError, TypeError), match=match):
         bad()
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_bias_gelu_reads_row_strided_slices_in_place(device):
+    """A (M, N) slice of a wider tensor (row stride > N) goes to the kernel without a copy."""
+    wide = randn(37, 80, device=device)
+    x = wide[:, 8:72].detach().requires_grad_()
+    b = randn(64, device=device, requires_grad=True)
+    assert not x.is_contiguous() and x.stride(1) == 1
+    check_against_float64(lambda x, b: fastvision.ops.bias_gelu(x, b), lambda x, b: reference_gelu(x + b),
+                          (x, b), randn(37, 64, device=device), torch.float32, ("x", "bias"))

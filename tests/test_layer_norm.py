@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fastvision
 from fastvision.modules import LayerNorm
@@ -200,3 +201,20 @@ def test_layer_norm_out_dtype(device, out_dtype):
     for name, t, rt in zip(("x", "weight", "bias"), (x, w, b), refs):
         assert t.grad.dtype == torch.float32
         assert_close(t.grad, rt.grad, out_dtype, name=f"grad of {name}")
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_layer_norm_reads_row_strided_slices_in_place(device):
+    """(M, N) slices of wider tensors (row stride > N) as input and residual: no copies, same result."""
+    x = randn(37, 80, device=device)[:, 8:72].detach().requires_grad_()
+    r = randn(37, 96, device=device)[:, 16:80].detach().requires_grad_()
+    w, b = randn(64, device=device, requires_grad=True), randn(64, device=device, requires_grad=True)
+    grad = randn(37, 64, device=device)
+    check_against_float64(lambda x, w, b: fastvision.ops.layer_norm(x, (64,), w, b),
+                          lambda x, w, b: F.layer_norm(x, (64,), w, b), (x, w, b), grad, torch.float32,
+                          ("x", "weight", "bias"))
+    for t in (x, w, b):
+        t.grad = None  # check_against_float64 reads .grad
+    check_against_float64(lambda x, r, w, b: fastvision.ops.add_layer_norm(x, r, (64,), w, b)[0],
+                          lambda x, r, w, b: F.layer_norm(x + r, (64,), w, b), (x, r, w, b), grad, torch.float32,
+                          ("x", "residual", "weight", "bias"))

@@ -91,3 +91,11 @@ def test_softmax_module_is_drop_in():
 def test_softmax_bad_input_names_the_argument(bad, match):
     with pytest.raises((ValueError, TypeError), match=match):
         bad()
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_softmax_reads_row_strided_slices_in_place(device):
+    """A (M, N) slice of a wider tensor (row stride > N), M not a multiple of the rows per program."""
+    x = randn(37, 250, device=device, std=3.0)[:, 20:217].detach().requires_grad_()
+    check_against_float64(lambda x: fastvision.ops.softmax(x, -1), lambda x: torch.softmax(x, -1), (x,),
+                          randn(37, 197, device=device), torch.float32, ("x",))
