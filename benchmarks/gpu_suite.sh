@@ -5,15 +5,19 @@
 #
 # Files (at most 8, what the device tool returns): env.txt, build.log, gpu_tests.log, bench.log,
 # micro/micro.json, micro/micro.png, models/models.json, and suite.json, which holds the other
-# benchmarks' JSON (host_overhead, host_breakdown, resnet, dino_step, verify) under their names. Every step runs under `timeout` and a failing step does not stop the next.
+# benchmarks' JSON (host_overhead, host_breakdown, resnet, dino_step, verify) under their names.
+# Steps run in the order below (most informative first), each under `timeout`; a failing step does
+# not stop the next.
 #
 # Environment:
-#   SUITE_STEPS       comma-separated steps to run (default env,build,tests,host,micro,models,hooks,verify),
-#                     e.g. SUITE_STEPS=env,build,tests,micro then SUITE_STEPS=build,models,hooks
+#   SUITE_STEPS       comma-separated steps to run (default env,build,conv-tests,host,micro,hooks,models,tests,
+#                     verify), e.g. SUITE_STEPS=env,build,conv-tests,host,micro then SUITE_STEPS=build,hooks,models
 #   GPU_TEST_SECONDS  time limit of the GPU test run (default 150)
 #   GPU_TESTS         test paths in the order to run them (default: tests)
 #   MICRO_SECONDS     --max-seconds of the micro benchmark (default 120)
 #   MODELS_SECONDS    --max-seconds of the model benchmark (default 170)
+#   DINO_ARGS         arguments of the DINO step benchmark (default: batch 64, eager / fastvision /
+#                     fastvision+packing / compile, as issue 7 measures it)
 #   PYTHON            interpreter (default: python3, else python)
 set -u
 
@@ -23,10 +27,11 @@ OUT="$(cd "$OUT" && pwd)"
 cd "$(dirname "$0")/.."
 
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
-STEPS=",${SUITE_STEPS:-env,build,tests,host,micro,models,hooks,verify},"
+STEPS=",${SUITE_STEPS:-env,build,conv-tests,host,micro,hooks,models,tests,verify},"
 GPU_TEST_SECONDS="${GPU_TEST_SECONDS:-150}"
 MICRO_SECONDS="${MICRO_SECONDS:-120}"
 MODELS_SECONDS="${MODELS_SECONDS:-170}"
+DINO_ARGS="${DINO_ARGS:---batch 64 --variants eager,fastvision,fastvision+packing,compile}"
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 export FASTVISION_COMMIT="${FASTVISION_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
 
@@ -89,12 +94,16 @@ if wants build; then
     >>"$OUT/build.log" 2>&1
 fi
 
-if wants tests; then
-  per_test=()
-  "$PY" -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 120)
-  run_step tests "$GPU_TEST_SECONDS" "$OUT/gpu_tests.log" \
-    "$PY" -m pytest ${GPU_TESTS:-tests} -m gpu -q --maxfail=20 -p no:cacheprovider -o faulthandler_timeout=60 "${per_test[@]}"
-  tail -3 "$OUT/gpu_tests.log" | sed 's/^/   tests: /'
+
+if wants conv-tests; then  # the CUDA conv/BN kernels and patched ResNets: a short run of their own
+  run_step conv-tests 90 "$OUT/gpu_tests.log" "$PY" -m pytest tests/test_conv_bn_act.py tests/test_fold_batchnorm.py \
+    tests/test_patch_resnet.py -m gpu -q -p no:cacheprovider -o faulthandler_timeout=30
+  tail -1 "$OUT/gpu_tests.log" | sed 's/^/   conv-tests: /'
+fi
+
+if wants host; then  # host time per fused call vs eager (what limited the patched models on 2026-11-26)
+  run_step host 120 "$OUT/bench.log" "$PY" -m benchmarks.host_overhead --out "$OUT/host_overhead.json"
+  run_step host-layers 90 "$OUT/bench.log" "$PY" -m benchmarks.host_breakdown --out "$OUT/host_breakdown.json"
 fi
 
 if wants micro; then
@@ -107,18 +116,20 @@ if wants models; then
     "$PY" -m benchmarks.models --quick --out "$OUT/models" --max-seconds "$MODELS_SECONDS"
 fi
 
-if wants hooks; then
-  for hook in resnet_bench dino_step; do
-    if [ -f "benchmarks/$hook.py" ]; then
-      out_name="$hook"; [ "$hook" = resnet_bench ] && out_name=resnet
-      run_step "$hook" 240 "$OUT/bench.log" "$PY" -m "benchmarks.$hook" --quick --out "$OUT/$out_name.json"
-    fi
-  done
+if wants hooks; then  # the DINO step (issue 7's configuration) and ResNet-50
+  # shellcheck disable=SC2086
+  run_step dino_step 180 "$OUT/bench.log" "$PY" -m benchmarks.dino_step --quick ${DINO_ARGS} --max-seconds 100 \
+    --out "$OUT/dino_step.json"
+  run_step resnet_bench 120 "$OUT/bench.log" "$PY" -m benchmarks.resnet_bench --quick --out "$OUT/resnet.json"
 fi
 
-if wants host; then  # host time per fused call vs eager (what limited the patched models on 2026-11-26)
-  run_step host 120 "$OUT/bench.log" "$PY" -m benchmarks.host_overhead --out "$OUT/host_overhead.json"
-  run_step host-layers 90 "$OUT/bench.log" "$PY" -m benchmarks.host_breakdown --out "$OUT/host_breakdown.json"
+
+if wants tests; then
+  per_test=()
+  "$PY" -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 120)
+  run_step tests "$GPU_TEST_SECONDS" "$OUT/gpu_tests.log" \
+    "$PY" -m pytest ${GPU_TESTS:-tests} -m gpu -q --maxfail=20 -p no:cacheprovider -o faulthandler_timeout=60 "${per_test[@]}"
+  tail -3 "$OUT/gpu_tests.log" | sed 's/^/   tests: /'
 fi
 
 if wants verify; then  # fastvision.verify on full-size ViT-S/16 and ViT-B/16 in bf16 on the GPU
