@@ -49,9 +49,20 @@ def _forward_backward(model, x):
     return out, x.grad, [p.grad.clone() for p in model.parameters()]
 
 
+@pytest.fixture
+def compile_ops():
+    """Run with fastvision.modules.set_compile_ops(...) and restore the policy afterwards."""
+    before = fastvision.modules.compile_ops()
+    yield fastvision.modules.set_compile_ops
+    fastvision.modules.set_compile_ops(before)
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("device", kernel_devices())
 @pytest.mark.parametrize("backend", ("aot_eager", "inductor"))
-def test_compile_fullgraph_matches_eager(device, backend):
+@pytest.mark.parametrize("policy", ("all", ""))
+def test_compile_fullgraph_matches_eager(device, backend, policy, compile_ops):
+    compile_ops(policy)
     torch._dynamo.reset()
     model = TinyBlock().to(device)
     x = randn(2, 37, 48, device=device)
@@ -65,8 +76,7 @@ def test_compile_fullgraph_matches_eager(device, backend):
         assert_close(g, ref_g, torch.float32, tol=1e-5)
 
 
-@pytest.mark.parametrize("device", kernel_devices())
-def test_compiled_graph_calls_the_custom_ops(device):
+def _traced_ops(model, x):
     torch._dynamo.reset()
     seen = []
 
@@ -74,9 +84,34 @@ def test_compiled_graph_calls_the_custom_ops(device):
         seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
         return gm.forward
 
-    model = TinyBlock().to(device)
-    torch.compile(model, fullgraph=True, backend=backend)(randn(2, 5, 48, device=device))
-    joined = " ".join(seen)
-    for op in ("fastvision.layer_norm", "fastvision.add_layer_norm", "fastvision.bias_gelu", "fastvision.gelu",
-               "fastvision.softmax"):
-        assert op in joined, f"{op} not in the traced graph: {seen}"
+    torch.compile(model, fullgraph=True, backend=backend)(x)
+    return " ".join(seen)
+
+
+FUSED_ELEMENTWISE = ("fastvision.layer_norm", "fastvision.add_layer_norm", "fastvision.bias_gelu", "fastvision.gelu",
+                     "fastvision.softmax")
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_compiled_graph_calls_the_custom_ops(device, compile_ops):
+    compile_ops("all")
+    joined = _traced_ops(TinyBlock().to(device), randn(2, 5, 48, device=device))
+    for op in FUSED_ELEMENTWISE:
+        assert op in joined, f"{op} not in the traced graph: {joined}"
+
+
+def test_compiled_model_keeps_fused_attention_and_leaves_the_rest_to_inductor(compile_ops):
+    timm = pytest.importorskip("timm")
+    compile_ops("")  # the default
+    model = fastvision.patch(timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1, num_classes=0))
+    joined = _traced_ops(model, randn(1, 3, 32, 32))
+    assert "fastvision.attention_qkvpacked" in joined
+    assert not any(op in joined for op in FUSED_ELEMENTWISE), joined
+    compile_ops("layer_norm")
+    joined = _traced_ops(model, randn(1, 3, 32, 32))
+    assert "fastvision.layer_norm" in joined and "fastvision.bias_gelu" not in joined
+
+
+def test_compile_policy_rejects_unknown_names():
+    with pytest.raises(ValueError, match="unknown fused ops"):
+        fastvision.modules.set_compile_ops("attention")

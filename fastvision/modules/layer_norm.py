@@ -1,9 +1,11 @@
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fastvision import ops
+from fastvision.modules._compiled import fused
 
 
 class LayerNorm(nn.LayerNorm):
@@ -22,10 +24,16 @@ class LayerNorm(nn.LayerNorm):
         return new
 
     def forward(self, x: torch.Tensor, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        if not fused("layer_norm"):  # compiled: Inductor's own LayerNorm (see modules/_compiled.py)
+            y = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+            return y if out_dtype is None else y.to(out_dtype)
         return ops.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps, out_dtype=out_dtype)
 
     def forward_add(self, x: torch.Tensor, residual: torch.Tensor, out_dtype: Optional[torch.dtype] = None):
         """(self(x + residual), x + residual) in one pass."""
+        if not fused("layer_norm"):
+            h = x + residual
+            return self(h, out_dtype=out_dtype), h
         return ops.add_layer_norm(x, residual, self.normalized_shape, self.weight, self.bias, self.eps,
                                   out_dtype=out_dtype)
 
