@@ -225,18 +225,18 @@ def add_speedups(variants: List[Dict[str, object]]) -> None:
 
 
 def table(variants: List[Dict[str, object]]) -> str:
-    lines = [f"{'variant':<20} {'img/s':>9} {'step ms':>9} {'vs eager':>9} {'vs compile':>10} {'peak GiB':>9} "
+    lines = [f"{'variant':<24} {'img/s':>9} {'step ms':>9} {'vs eager':>9} {'vs compile':>10} {'peak GiB':>9} "
              f"{'first s':>8}"]
     for v in variants:
         if v.get("error"):
-            lines.append(f"{v['name']:<20} ERROR {v['error'][:120]}")
+            lines.append(f"{v['name']:<24} ERROR {v['error'][:120]}")
             continue
 
         def num(key, fmt):
             width = int(fmt.split(".")[0])
             return format(v[key], fmt) if v.get(key) is not None else "-".rjust(width)
 
-        lines.append(f"{v['name']:<20} {num('images_per_s', '9.1f')} {num('step_ms_median', '9.2f')} "
+        lines.append(f"{v['name']:<24} {num('images_per_s', '9.1f')} {num('step_ms_median', '9.2f')} "
                      f"{num('speedup_vs_eager', '9.2f')} {num('speedup_vs_compile', '10.2f')} "
                      f"{num('peak_memory_gib', '9.2f')} {num('time_to_first_step_s', '8.1f')}")
     return "\n".join(lines)
