@@ -13,12 +13,16 @@ import fastvision
 DEFAULT_MODELS = "vit_small_patch16_224,vit_base_patch16_224"
 
 
-def verify_model(name: str, dtype: torch.dtype, batch: int, device: str) -> dict:
+SMOKE_KWARGS = {"img_size": 32, "depth": 1}  # --smoke: one block at 32 px, on the CPU
+
+
+def verify_model(name: str, dtype: torch.dtype, batch: int, device: str, **create_kwargs) -> dict:
     import timm
 
     torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False).eval()
-    size = model.pretrained_cfg.get("input_size", (3, 224, 224))
+    model = timm.create_model(name, pretrained=False, **create_kwargs).eval()
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)  # the model's own, e.g. --smoke's
+    size = (3, *img_size) if img_size else model.pretrained_cfg.get("input_size", (3, 224, 224))
     images = torch.randn(batch, *size)
     start = time.perf_counter()
     report = fastvision.verify(model, images, dtype=dtype, device=device)
@@ -38,11 +42,16 @@ def main(argv=None):
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--smoke", action="store_true", help="CPU, float32, a one-block ViT-Tiny at 32 px")
     args = parser.parse_args(argv)
+    create_kwargs = {}
+    if args.smoke:
+        args.models, args.dtype, args.batch, args.device = "vit_tiny_patch16_224", "float32", 2, "cpu"
+        create_kwargs = SMOKE_KWARGS
     results = []
     for name in args.models.split(","):
         try:
-            results.append(verify_model(name, getattr(torch, args.dtype), args.batch, args.device))
+            results.append(verify_model(name, getattr(torch, args.dtype), args.batch, args.device, **create_kwargs))
         except Exception as exc:  # one model's failure is recorded, the others still run
             results.append({"model": name, "error": f"{type(exc).__name__}: {exc}"})
     device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
@@ -50,6 +59,7 @@ def main(argv=None):
         json.dump({"device": device_name, "torch": torch.__version__, "results": results}, f, indent=1)
     for r in results:
         print(r["model"], "PASSED" if r.get("passed") else f"FAILED {r.get('error', '')}")
+    return results
 
 
 if __name__ == "__main__":

@@ -187,3 +187,23 @@ def test_host_python_measures_every_op_with_launches_stubbed():
     rows = host_python.measure(calls=10)
     assert {r["op"] for r in rows} >= {"layer_norm", "add_layer_norm", "bias_gelu", "softmax", "attention_qkvpacked"}
     assert all(r[k] > 0 for r in rows for k in ("fwd", "eager fwd", "fwd+bwd", "eager fwd+bwd"))
+
+
+def test_resnet_bench_smoke(tmp_path):
+    from benchmarks import resnet_bench
+
+    out = tmp_path / "resnet.json"
+    subprocess.run([sys.executable, "-m", "benchmarks.resnet_bench", "--smoke", "--out", str(out)], check=True,
+                   cwd=REPO, capture_output=True)
+    result = json.loads(out.read_text())
+    model = result["model"]
+    assert model["eager"]["ms"] > 0 and model["fastvision"]["ms"] > 0
+    assert model["fastvision"]["rel_err_vs_eager"] < 1e-4  # random BN statistics: folding is really checked
+    assert resnet_bench.LAYERS.keys() <= result["layers"]["results"].keys()
+
+
+def test_verify_models_smoke(tmp_path):
+    from benchmarks import verify_models
+
+    results = verify_models.main(["--smoke", "--out", str(tmp_path / "verify.json")])
+    assert results and all(r.get("passed") for r in results), results
