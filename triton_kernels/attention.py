@@ -431,7 +431,7 @@ def _launch(kernel, grid_axis, tensor, n, programs_per_row, *args, **meta):
         cfg = forced_config
     elif autotune_enabled():
         key = (kernel.__name__, min(next_power_of_2(n), 4096), meta["HEAD_DIM"], tensor.dtype, meta["HAS_BIAS"],
-               meta["PRECISION"], tensor.device.index)
+               meta["PRECISION"], meta["VARLEN"], tensor.device.index)  # packed short crops tune apart
         cfg = _timed_choice(key, candidate_configs(kernel, n, d_pad, element_bytes), launch)
     else:
         cfg = heuristic_config(kernel, n, meta["HEAD_DIM"], d_pad, element_bytes)
