@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from . import common
-from .host_overhead import per_call_us
+from .host_overhead import grad_step, per_call_us
 
 
 class _EagerSoftmax(torch.autograd.Function):
@@ -31,16 +31,6 @@ class _EagerSoftmax(torch.autograd.Function):
     def backward(ctx, dy):
         (y,) = ctx.saved_tensors
         return y * (dy - (dy * y).sum(-1, keepdim=True))
-
-
-def _grad_step(fn: Callable, *inputs):
-    leaves = [t for t in inputs if t.requires_grad]
-
-    def step():
-        out = fn(*inputs)
-        out = out[0] if isinstance(out, tuple) else out
-        return torch.autograd.grad(out.sum(), leaves)
-    return step
 
 
 def softmax_layers(device, dtype) -> Dict[str, Callable[[], object]]:
@@ -65,10 +55,10 @@ def softmax_layers(device, dtype) -> Dict[str, Callable[[], object]]:
         "ops.softmax fwd, no grad": lambda: ops.softmax(x0, -1),
         "ops.softmax fwd, grad recorded": lambda: ops.softmax(x, -1),
         "torch.ops.fastvision.softmax fwd, no grad": lambda: torch.ops.fastvision.softmax(x0),
-        "eager fwd+bwd": _grad_step(lambda t: torch.softmax(t, -1), x),
-        "python Function(eager) fwd+bwd": _grad_step(_EagerSoftmax.apply, x),
-        "ops.softmax fwd+bwd": _grad_step(lambda t: ops.softmax(t, -1), x),
-        "torch.ops.fastvision.softmax fwd+bwd": _grad_step(torch.ops.fastvision.softmax, x),
+        "eager fwd+bwd": grad_step(lambda t: torch.softmax(t, -1), x),
+        "python Function(eager) fwd+bwd": grad_step(_EagerSoftmax.apply, x),
+        "ops.softmax fwd+bwd": grad_step(lambda t: ops.softmax(t, -1), x),
+        "torch.ops.fastvision.softmax fwd+bwd": grad_step(torch.ops.fastvision.softmax, x),
     }
 
 
@@ -88,9 +78,9 @@ def layer_norm_layers(device, dtype) -> Dict[str, Callable[[], object]]:
         "launcher bwd, dx only (main thread)": lambda: kernels.layer_norm_bwd(dy, x0, w.detach(), rstd,
                                                                              needs_weight_grad=False),
         "ops.layer_norm fwd, grad recorded": lambda: ops.layer_norm(x, (384,), w, b),
-        "eager fwd+bwd": _grad_step(lambda *t: F.layer_norm(t[0], (384,), t[1], t[2]), x, w, b),
-        "ops.layer_norm fwd+bwd": _grad_step(lambda *t: ops.layer_norm(t[0], (384,), t[1], t[2]), x, w, b),
-        "ops.layer_norm fwd+bwd, x only": _grad_step(lambda t: ops.layer_norm(t, (384,), w.detach(), b.detach()), x),
+        "eager fwd+bwd": grad_step(lambda *t: F.layer_norm(t[0], (384,), t[1], t[2]), x, w, b),
+        "ops.layer_norm fwd+bwd": grad_step(lambda *t: ops.layer_norm(t[0], (384,), t[1], t[2]), x, w, b),
+        "ops.layer_norm fwd+bwd, x only": grad_step(lambda t: ops.layer_norm(t, (384,), w.detach(), b.detach()), x),
     }
 
 
@@ -136,7 +126,7 @@ def backward_thread_layers(device, dtype) -> Dict[str, Callable[[], object]]:
     for name, work in works.items():
         timings = []
         layers[f"main thread: {name}"] = (lambda w=work: w(y))
-        step = _grad_step(lambda t, w=work, tm=timings: _Probe.apply(t, w, tm), x)
+        step = grad_step(lambda t, w=work, tm=timings: _Probe.apply(t, w, tm), x)
         layers[f"fwd+bwd with it in backward: {name}"] = step
         layers[f"inside backward: {name}"] = _InsideTimer(step, timings)
     return layers
@@ -178,10 +168,10 @@ def autograd_variants(device, dtype) -> Dict[str, Callable[[], object]]:
     def with_grad_outputs(fn):
         return lambda: torch.autograd.grad(fn(x), [x], g)
     return {
-        "ops.softmax fwd+bwd": _grad_step(lambda t: ops.softmax(t, -1), x),
-        "ops.softmax fwd+bwd, gc off": _no_gc(_grad_step(lambda t: ops.softmax(t, -1), x)),
-        "Function(triton) fwd+bwd": _grad_step(_TritonSoftmax.apply, x),
-        "Function(triton) view output fwd+bwd": _grad_step(lambda t: _TritonSoftmax.apply(t).view(8, 197), x),
+        "ops.softmax fwd+bwd": grad_step(lambda t: ops.softmax(t, -1), x),
+        "ops.softmax fwd+bwd, gc off": _no_gc(grad_step(lambda t: ops.softmax(t, -1), x)),
+        "Function(triton) fwd+bwd": grad_step(_TritonSoftmax.apply, x),
+        "Function(triton) view output fwd+bwd": grad_step(lambda t: _TritonSoftmax.apply(t).view(8, 197), x),
         "eager, grad_outputs": with_grad_outputs(lambda t: torch.softmax(t, -1)),
         "Function(triton), grad_outputs": with_grad_outputs(_TritonSoftmax.apply),
         "ops.softmax, grad_outputs": with_grad_outputs(lambda t: ops.softmax(t, -1)),
@@ -201,7 +191,8 @@ class _InsideTimer:
 
 def profile_table(device, dtype, path: str) -> None:
     """torch.profiler over ops.layer_norm and ops.softmax fwd+bwd: which calls take the host time."""
-    steps = [layer_norm_layers(device, dtype)["ops.layer_norm fwd+bwd"], softmax_layers(device, dtype)["ops.softmax fwd+bwd"]]
+    steps = [layer_norm_layers(device, dtype)["ops.layer_norm fwd+bwd"],
+             softmax_layers(device, dtype)["ops.softmax fwd+bwd"]]
     for step in steps:
         step()
     activities = [torch.profiler.ProfilerActivity.CPU]

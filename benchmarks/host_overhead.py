@@ -31,7 +31,8 @@ def per_call_us(fn: Callable[[], object], device: torch.device, calls: int) -> f
     return (time.perf_counter() - start) / calls * 1e6
 
 
-def _with_backward(fn: Callable, inputs: List[torch.Tensor]) -> Callable[[], object]:
+def grad_step(fn: Callable, *inputs: torch.Tensor) -> Callable[[], object]:
+    """A step running fn(*inputs) and the gradients of its (first) output's sum w.r.t. the inputs that need them."""
     leaves = [t for t in inputs if t.requires_grad]
 
     def step():
@@ -72,7 +73,7 @@ def measure(device: torch.device, dtype: torch.dtype, calls: int) -> List[Dict[s
         for mode in ("fwd", "fwd+bwd"):
             row = {"op": name, "mode": mode}
             for label, fn in (("fastvision_us", ours), ("eager_us", eager)):
-                step = (lambda f=fn: f(*inputs)) if mode == "fwd" else _with_backward(fn, inputs)
+                step = (lambda f=fn: f(*inputs)) if mode == "fwd" else grad_step(fn, *inputs)
                 if mode == "fwd":
                     with torch.no_grad():
                         row[label] = round(per_call_us(step, device, calls), 2)

@@ -11,10 +11,11 @@ trimmed on any machine. Eager PyTorch on the same tensors is printed beside it f
 import argparse
 import contextlib
 import time
-from typing import Callable, Dict, Iterator, Tuple
+from typing import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
+
+from .host_overhead import grad_step, pairs
 
 
 class _NoLaunch:
@@ -62,50 +63,16 @@ def per_call_us(fn: Callable[[], object], calls: int, repeats: int = 5) -> float
     return best
 
 
-def _grad(fn, *inputs):
-    leaves = [t for t in inputs if t.requires_grad]
-
-    def step():
-        out = fn(*inputs)
-        out = out[0] if isinstance(out, tuple) else out
-        return torch.autograd.grad(out.sum(), leaves)
-    return step
-
-
-def cases() -> Dict[str, Tuple[Callable, Callable, tuple]]:
-    from fastvision import ops
-
-    def t(*shape):
-        return torch.randn(*shape, requires_grad=True)
-
-    x, w, b, r = t(8, 384), t(384), t(384), t(8, 384)
-    qkv = t(2, 37, 3, 6, 64)
-
-    def sdpa_packed(qkv):
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
-
-    return {
-        "layer_norm": (lambda x, w, b: ops.layer_norm(x, (384,), w, b),
-                       lambda x, w, b: F.layer_norm(x, (384,), w, b), (x, w, b)),
-        "add_layer_norm": (lambda x, r, w, b: ops.add_layer_norm(x, r, (384,), w, b),
-                           lambda x, r, w, b: F.layer_norm(x + r, (384,), w, b), (x, r, w, b)),
-        "bias_gelu": (lambda x, b: ops.bias_gelu(x, b), lambda x, b: F.gelu(x + b), (t(8, 1536), t(1536))),
-        "softmax": (lambda x: ops.softmax(x, -1), lambda x: torch.softmax(x, -1), (t(8, 197),)),
-        "attention_qkvpacked": (ops.attention_qkvpacked, sdpa_packed, (qkv,)),
-    }
-
-
 def measure(calls: int):
     rows = []
     with stubbed_kernels():
-        for name, (ours, eager, inputs) in cases().items():
+        for name, (ours, eager, inputs) in pairs(torch.device("cpu"), torch.float32).items():
             row = {"op": name}
             with torch.no_grad():
                 row["fwd"] = per_call_us(lambda: ours(*inputs), calls)
                 row["eager fwd"] = per_call_us(lambda: eager(*inputs), calls)
-            row["fwd+bwd"] = per_call_us(_grad(ours, *inputs), calls)
-            row["eager fwd+bwd"] = per_call_us(_grad(eager, *inputs), calls)
+            row["fwd+bwd"] = per_call_us(grad_step(ours, *inputs), calls)
+            row["eager fwd+bwd"] = per_call_us(grad_step(eager, *inputs), calls)
             rows.append(row)
     return rows
 
