@@ -102,7 +102,3 @@ def autocast_cast(dtype: Optional[torch.dtype], *tensors):
 
 def use_triton(x: torch.Tensor) -> bool:
     return device_decline(x) is None
-
-
-def empty_if_none(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    return t if t is not None else like.new_empty(0)

@@ -79,11 +79,6 @@ def _scan(args):
     return False, requires_grad and torch.is_grad_enabled()
 
 
-def tracing(args) -> bool:
-    """True when the op must go through the dispatcher: compilation, fake tensors, modes, transforms."""
-    return _scan(args)[0]
-
-
 class _Direct(torch.autograd.Function):
     """Runs a FusedOp's impl with its own setup_context/backward; the op entry is the last input.
 

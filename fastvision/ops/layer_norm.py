@@ -51,13 +51,12 @@ def _add_layer_norm_impl(x: Tensor, residual: Tensor, weight: Optional[Tensor], 
         h = x + residual
         y, mean, rstd = _eager_forward(h, weight, bias, eps, out_dtype)
         return y, h, mean, rstd
-    rows, residual_rows = C.row_major(x), C.row_major(residual)
-    if rows is x and residual_rows is residual:
-        return _kernels().layer_norm_fwd(x, weight, bias, eps, residual=residual, out_dtype=out_dtype)
-    N = x.shape[-1]
-    y, h, mean, rstd = _kernels().layer_norm_fwd(C.as_rows(x, N), weight, bias, eps,
-                                                 residual=C.as_rows(residual, N), out_dtype=out_dtype)
-    return y.view(x.shape), h.view(x.shape), mean.view(x.shape[:-1]), rstd.view(x.shape[:-1])
+    rows = C.row_major(x)
+    y, h, mean, rstd = _kernels().layer_norm_fwd(rows, weight, bias, eps, residual=C.row_major(residual),
+                                                 out_dtype=out_dtype)
+    if rows is not x:
+        return y.view(x.shape), h.view(x.shape), mean.view(x.shape[:-1]), rstd.view(x.shape[:-1])
+    return y, h, mean, rstd
 
 
 def _add_layer_norm_fake(x, residual, weight, bias, eps, out_dtype):
