@@ -28,8 +28,24 @@ import torch
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # compiled last; fastvision+compile keeps only the fused attention (the default policy, see
-# fastvision/modules/_compiled.py), fastvision+compile-all keeps every fused op
+# fastvision/modules/_compiled.py), fastvision+compile-all keeps every fused op. "+graph" (any variant):
+# DINOStep(cuda_graph=True), the forward/backward replayed from a CUDA graph.
 VARIANTS = ("eager", "fastvision", "fastvision+packing", "compile", "fastvision+compile", "fastvision+compile-all")
+GRAPH_VARIANTS = ("eager+graph", "fastvision+graph", "fastvision+packing+graph", "compile+graph",
+                  "fastvision+compile+graph")
+OPTIONS = ("packing", "compile", "compile-all", "graph")
+
+
+def parse_variant(name: str) -> Dict[str, object]:
+    """"fastvision+packing+graph" → {patched, packing, compile (None, "" or "all"), graph}."""
+    base, *options = name.split("+")
+    bad = [o for o in options if o not in OPTIONS] + ([base] if base not in ("eager", "fastvision", "compile") else [])
+    patched = base == "fastvision"
+    if bad or (not patched and ({"packing", "compile-all"} & set(options))) or len(set(options)) != len(options):
+        raise ValueError(f"unknown variant {name!r}: eager, fastvision or compile, then any of +{', +'.join(OPTIONS)} "
+                         "(packing and compile-all need fastvision)")
+    compile_ops = "all" if "compile-all" in options else "" if base == "compile" or "compile" in options else None
+    return {"patched": patched, "packing": "packing" in options, "compile": compile_ops, "graph": "graph" in options}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -43,7 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--local-crops", type=int, default=10)
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 20; 6 with --quick)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps after the first (default 5; 2 quick)")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"comma-separated, e.g. {VARIANTS + GRAPH_VARIANTS}")
     p.add_argument("--no-amp", action="store_true", help="fp32 instead of bf16 autocast")
     p.add_argument("--max-seconds", type=float, default=None, help="skip the variants left once this is spent")
     p.add_argument("--profile", action="store_true", help="add each variant's top CUDA kernels to the JSON")
@@ -65,9 +82,11 @@ def _fill_defaults(args: argparse.Namespace) -> None:
     args.steps = args.steps or (6 if args.quick else 20)
     args.warmup = args.warmup if args.warmup is not None else (2 if args.quick else 5)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = set(args.variants) - set(VARIANTS)
-    if unknown:
-        raise SystemExit(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
+    for name in args.variants:
+        try:
+            parse_variant(name)
+        except ValueError as exc:
+            raise SystemExit(str(exc))
 
 
 # --- environment --------------------------------------------------------------------------------
@@ -111,28 +130,29 @@ def build_step(variant: str, args, device):
     kwargs = dict(depth=1) if args.smoke else {}
     student, teacher = dino.build_dino(args.arch, out_dim=args.out_dim, img_size=args.global_size, **kwargs)
     student, teacher = student.to(device), teacher.to(device)
-    if variant.startswith("fastvision"):
+    options = parse_variant(variant)
+    if options["patched"]:
         import fastvision
 
         fastvision.patch(student)
         fastvision.patch(teacher)
-    student.packed = teacher.packed = variant.endswith("packing")  # True: an error says why it cannot pack
-    if "compile" in variant:
+    student.packed = teacher.packed = options["packing"]  # True: an error says why it cannot pack
+    if options["compile"] is not None:
         from fastvision.modules import set_compile_ops
 
-        set_compile_ops("all" if variant.endswith("compile-all") else "")  # read when the graphs are traced
+        set_compile_ops(options["compile"])  # read when the graphs are traced
         torch._dynamo.reset()
         student.backbone.compile(dynamic=False)
         teacher.backbone.compile(dynamic=False)
     # The fused loss kernel belongs to the fastvision variants; eager and compile keep DINO's own loss.
-    fused_loss = None if variant.startswith("fastvision") else False
+    fused_loss = None if options["patched"] else False
     loss_fn = dino.DINOLoss(args.out_dim, 2 + args.local_crops, 0.04, 0.04, 0, 100, fused=fused_loss).to(device)
     fused = {"fused": True} if device.type == "cuda" else {}
     optimizer = torch.optim.AdamW(dino.param_groups(student), lr=5e-4 * args.batch / 256, weight_decay=0.04,
                                   **fused)
     amp = None if args.no_amp else torch.bfloat16
     return dino.DINOStep(student, teacher, loss_fn, optimizer, clip_grad=3.0, freeze_last_layer=1,
-                         autocast_dtype=amp)
+                         autocast_dtype=amp, cuda_graph=options["graph"])
 
 
 def synchronize(device) -> None:
@@ -192,6 +212,9 @@ def run_variant(variant: str, args, device) -> Dict[str, object]:
         synchronize(device)
         result["time_to_first_step_s"] = time.perf_counter() - t0
         timed_steps(step, crops, args.warmup, device)
+        if step.graph is not None:
+            result["cuda_graph"] = "replayed" if step.graphed and step.graph.captured else (
+                step.why_not_graphed(crops) or "not captured yet: raise --warmup")
         times = timed_steps(step, crops, args.steps, device)
         median = statistics.median(times)
         result.update(step_ms_median=median * 1e3, step_ms_min=min(times) * 1e3, step_ms_max=max(times) * 1e3,

@@ -85,6 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     s.add_argument("--fastvision", action=argparse.BooleanOptionalAction, default=True,
                    help="patch student and teacher with fastvision's fused modules")
     s.add_argument("--compile", action="store_true", help="torch.compile the backbones")
+    s.add_argument("--cuda-graph", action="store_true",
+                   help="replay each step's forward/backward from a CUDA graph (one GPU; new crop shapes capture again)")
     s.add_argument("--amp", choices=("bf16", "none"), default=None, help="default: bf16 on CUDA, none on CPU")
     k = p.add_argument_group("k-NN evaluation")
     k.add_argument("--knn-k", type=int, default=20)
@@ -420,7 +422,7 @@ def main(argv=None) -> None:
     start_epoch = resume(args, student, teacher, optimizer, loss_fn)
     step = dino.DINOStep(student, teacher, loss_fn, optimizer, clip_grad=args.clip_grad,
                          freeze_last_layer=args.freeze_last_layer,
-                         autocast_dtype=torch.bfloat16 if args.amp == "bf16" else None)
+                         autocast_dtype=torch.bfloat16 if args.amp == "bf16" else None, cuda_graph=args.cuda_graph)
 
     checkpoint = os.path.join(args.output_dir, "checkpoint.pth")
     for epoch in range(start_epoch, args.epochs):

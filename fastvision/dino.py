@@ -332,15 +332,13 @@ def _device_type(crops: Sequence[torch.Tensor]) -> str:
     return crops[0].device.type
 
 
-def dino_train_step(student: nn.Module, teacher: nn.Module, loss_fn: DINOLoss, optimizer: torch.optim.Optimizer,
-                    crops: Sequence[torch.Tensor], epoch: int, teacher_momentum: float, *,
-                    clip_grad: float = 3.0, freeze_last_layer: int = 1,
-                    autocast_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """Teacher on the global crops, student on all crops, loss, backward, clip, freeze, step, EMA.
+def forward_backward(student: nn.Module, teacher: nn.Module, loss_fn: DINOLoss, crops: Sequence[torch.Tensor],
+                     epoch: int, *, clip_grad: float = 3.0, autocast_dtype: Optional[torch.dtype] = None
+                     ) -> torch.Tensor:
+    """Teacher on the global crops, student on all crops, loss, backward, gradient clipping.
 
-    Returns the loss (detached, on the device: no host sync). ``autocast_dtype`` (e.g.
-    torch.bfloat16) runs both forwards under torch.autocast (as does calling the step inside
-    a torch.autocast block); the loss is computed in fp32.
+    Gradients are written into ``.grad`` (accumulated: the caller zeroes them first). Returns the
+    loss, detached, on the device.
     """
     crops = list(crops)
     # Without autocast_dtype, a torch.autocast the caller entered still applies.
@@ -351,34 +349,163 @@ def dino_train_step(student: nn.Module, teacher: nn.Module, loss_fn: DINOLoss, o
             teacher_output = teacher(crops[:loss_fn.n_global_crops])
         student_output = student(crops)
     loss = loss_fn(student_output, teacher_output, epoch)
-    optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if clip_grad:
         clip_gradients(student, clip_grad)
-    cancel_gradients_last_layer(epoch, student, freeze_last_layer)
-    optimizer.step()
-    ema_update(student, teacher, teacher_momentum)
     return loss.detach()
 
 
+def apply_update(student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
+                 teacher_momentum: float, *, freeze_last_layer: int = 1) -> None:
+    """Last-layer freeze, optimizer step, EMA teacher update."""
+    cancel_gradients_last_layer(epoch, student, freeze_last_layer)
+    optimizer.step()
+    ema_update(student, teacher, teacher_momentum)
+
+
+def dino_train_step(student: nn.Module, teacher: nn.Module, loss_fn: DINOLoss, optimizer: torch.optim.Optimizer,
+                    crops: Sequence[torch.Tensor], epoch: int, teacher_momentum: float, *,
+                    clip_grad: float = 3.0, freeze_last_layer: int = 1,
+                    autocast_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Teacher on the global crops, student on all crops, loss, backward, clip, freeze, step, EMA.
+
+    Returns the loss (detached, on the device: no host sync). ``autocast_dtype`` (e.g.
+    torch.bfloat16) runs both forwards under torch.autocast (as does calling the step inside
+    a torch.autocast block); the loss is computed in fp32.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    loss = forward_backward(student, teacher, loss_fn, crops, epoch, clip_grad=clip_grad,
+                            autocast_dtype=autocast_dtype)
+    apply_update(student, teacher, optimizer, epoch, teacher_momentum, freeze_last_layer=freeze_last_layer)
+    return loss
+
+
+def why_not_graphed(student: nn.Module, crops: Sequence[torch.Tensor]) -> Optional[str]:
+    """Why a DINO step cannot replay its forward and backward from a CUDA graph (None when it can)."""
+    if not crops or any(c.device.type != "cuda" for c in crops):
+        return "CUDA graphs need the crops on a CUDA device"
+    if isinstance(student, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        return "a (Distributed)DataParallel student reduces gradients outside the graph"
+    if torch.is_autocast_enabled("cuda"):
+        return "an outer torch.autocast block: pass autocast_dtype to DINOStep instead"
+    return None
+
+
+class GraphedForwardBackward:
+    """forward_backward recorded once into a CUDA graph and replayed: one launch instead of thousands.
+
+    The DINO step's shapes never change (2 global + N local crops of fixed sizes), so its forward,
+    loss, backward and gradient clipping (several thousand kernel launches, host-bound for a
+    ViT-S) can be captured once. The first ``warmup_steps`` calls for a new shape or teacher
+    temperature run eagerly on a side stream (lazy initialisation, kernel tuning, torch.compile),
+    the next one captures; later calls copy the crops into the graph's inputs and replay it.
+    The optimizer step and EMA update stay outside the graph, so learning-rate, weight-decay and
+    momentum schedules (Python numbers) apply as usual. Parameters are updated in place, which the
+    graph reads on its next replay; the gradients are the graph's own tensors, re-attached to
+    ``.grad`` after each replay (the last-layer freeze drops them between steps). Drop-path draws
+    fresh random numbers on each replay (the CUDA generator advances with the graph).
+    """
+
+    def __init__(self, warmup_steps: int = 2):
+        self.warmup_steps = warmup_steps
+        self._key = None
+        self._eager_calls = 0
+        self._graph = None
+        self._inputs: List[torch.Tensor] = []
+        self._loss: Optional[torch.Tensor] = None
+        self._grads: List[Tuple[nn.Parameter, torch.Tensor]] = []
+
+    @property
+    def captured(self) -> bool:
+        return self._graph is not None
+
+    def __call__(self, step: "DINOStep", crops: Sequence[torch.Tensor], epoch: int) -> torch.Tensor:
+        crops = list(crops)
+        key = (tuple((c.shape, c.dtype, c.device) for c in crops), step.loss_fn.teacher_temp(epoch))
+        if key != self._key:
+            self._release()
+            self._key = key
+        if self._graph is None and self._eager_calls < self.warmup_steps:
+            self._eager_calls += 1
+            return self._side_stream(lambda: self._eager(step, crops, epoch))
+        if self._graph is None:
+            self._capture(step, crops, epoch)
+        for static, crop in zip(self._inputs, crops):
+            static.copy_(crop, non_blocking=True)
+        self._graph.replay()
+        for param, grad in self._grads:
+            param.grad = grad
+        return self._loss.clone()
+
+    def _release(self) -> None:
+        self._graph, self._inputs, self._loss, self._grads = None, [], None, []
+        self._eager_calls = 0
+
+    @staticmethod
+    def _side_stream(fn):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            out = fn()
+        torch.cuda.current_stream().wait_stream(side)
+        return out
+
+    @staticmethod
+    def _eager(step: "DINOStep", crops: List[torch.Tensor], epoch: int) -> torch.Tensor:
+        step.optimizer.zero_grad(set_to_none=True)
+        return forward_backward(step.student, step.teacher, step.loss_fn, crops, epoch, clip_grad=step.clip_grad,
+                                autocast_dtype=step.autocast_dtype)
+
+    def _capture(self, step: "DINOStep", crops: List[torch.Tensor], epoch: int) -> None:
+        step.optimizer.zero_grad(set_to_none=True)  # backward inside the graph allocates (and owns) the grads
+        self._inputs = [c.clone() for c in crops]
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._loss = forward_backward(step.student, step.teacher, step.loss_fn, self._inputs, epoch,
+                                          clip_grad=step.clip_grad, autocast_dtype=step.autocast_dtype)
+        self._graph = graph
+        self._grads = [(p, p.grad) for p in step.student.parameters() if p.grad is not None]
+
+
 class DINOStep:
-    """dino_train_step with its models, loss, optimizer and settings bound: ``step(crops, epoch, momentum)``."""
+    """dino_train_step with its models, loss, optimizer and settings bound: ``step(crops, epoch, momentum)``.
+
+    ``cuda_graph=True`` replays the forward, loss, backward and clipping from a CUDA graph
+    (GraphedForwardBackward) where ``why_not_graphed`` allows it, and runs the eager step otherwise;
+    ``graphed`` says which ran last.
+    """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, loss_fn: DINOLoss,
                  optimizer: torch.optim.Optimizer, *, clip_grad: float = 3.0, freeze_last_layer: int = 1,
-                 autocast_dtype: Optional[torch.dtype] = None):
+                 autocast_dtype: Optional[torch.dtype] = None, cuda_graph: bool = False,
+                 graph_warmup_steps: int = 2):
         self.student, self.teacher, self.loss_fn, self.optimizer = student, teacher, loss_fn, optimizer
         self.clip_grad = clip_grad
         self.freeze_last_layer = freeze_last_layer
         self.autocast_dtype = autocast_dtype
+        self.graph = GraphedForwardBackward(graph_warmup_steps) if cuda_graph else None
+        self.graphed = False
+
+    def why_not_graphed(self, crops: Sequence[torch.Tensor]) -> Optional[str]:
+        if self.graph is None:
+            return "cuda_graph=False"
+        return why_not_graphed(self.student, list(crops))
 
     def __call__(self, crops: Sequence[torch.Tensor], epoch: int, teacher_momentum: float) -> torch.Tensor:
-        return dino_train_step(self.student, self.teacher, self.loss_fn, self.optimizer, crops, epoch,
-                               teacher_momentum, clip_grad=self.clip_grad, freeze_last_layer=self.freeze_last_layer,
-                               autocast_dtype=self.autocast_dtype)
+        crops = list(crops)
+        self.graphed = self.graph is not None and why_not_graphed(self.student, crops) is None
+        if not self.graphed:
+            return dino_train_step(self.student, self.teacher, self.loss_fn, self.optimizer, crops, epoch,
+                                   teacher_momentum, clip_grad=self.clip_grad,
+                                   freeze_last_layer=self.freeze_last_layer, autocast_dtype=self.autocast_dtype)
+        loss = self.graph(self, crops, epoch)
+        apply_update(self.student, self.teacher, self.optimizer, epoch, teacher_momentum,
+                     freeze_last_layer=self.freeze_last_layer)
+        return loss
 
 
-__all__ = ["DINOHead", "DINOLoss", "DINOStep", "MultiCropWrapper", "build_backbone", "build_dino",
-           "cancel_gradients_last_layer", "clip_gradients", "cosine_scheduler", "dino_train_step", "dino_vit",
-           "ema_update", "param_groups", "resolution_groups", "teacher_temperature_schedule", "unwrap",
-           "weight_norm_linear"]
+__all__ = ["DINOHead", "DINOLoss", "DINOStep", "GraphedForwardBackward", "MultiCropWrapper", "apply_update",
+           "build_backbone", "build_dino", "cancel_gradients_last_layer", "clip_gradients", "cosine_scheduler",
+           "dino_train_step", "dino_vit", "ema_update", "forward_backward", "param_groups", "resolution_groups",
+           "teacher_temperature_schedule", "unwrap", "weight_norm_linear", "why_not_graphed"]

@@ -11,7 +11,8 @@ image), and the final norm and pooling give back one feature per image, in crop 
 
 ``can_pack(vit)`` says why a model cannot run this way (None when it can).
 """
-from typing import List, Optional, Sequence
+import functools
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -97,6 +98,13 @@ def can_pack(vit: nn.Module) -> Optional[str]:
     return None
 
 
+@functools.lru_cache(maxsize=16)
+def segments_for(lengths: Tuple[int, ...], device: torch.device) -> "ops.Segments":
+    """The Segments of a crop layout, built once: a training loop sees the same few layouts every step,
+    and a CUDA-graph capture must not copy offsets from host memory it does not own."""
+    return ops.Segments.from_lengths(lengths, device)
+
+
 def _embed(vit: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Token sequences (n, L, C) of one resolution, as forward_features builds them before the blocks."""
     x = vit.patch_embed(images)
@@ -130,7 +138,7 @@ def packed_features(vit: nn.Module, groups: Sequence[torch.Tensor], *, pre_logit
         dtype = torch.promote_types(dtype, x.dtype)
     lengths: List[int] = [x.shape[1] for x in embedded for _ in range(x.shape[0])]
     stream = torch.cat([x.to(dtype).reshape(-1, x.shape[-1]) for x in embedded]).unsqueeze(0)
-    stream = vit.norm(_run_blocks(vit, stream, ops.Segments.from_lengths(lengths, stream.device)))
+    stream = vit.norm(_run_blocks(vit, stream, segments_for(tuple(lengths), stream.device)))
     # Back to (n_i, L_i, C) per resolution: timm's own pooling (token, avg, map, ...) then applies as is.
     sizes = [x.shape[0] * x.shape[1] for x in embedded]
     per_group = stream[0].split(sizes)

@@ -12,7 +12,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # benchmarks/ is not installed: import it from the checkout
     sys.path.insert(0, REPO)
 
-from benchmarks import common, micro, models, summary  # noqa: E402
+from benchmarks import common, dino_step, micro, models, summary  # noqa: E402
 
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
@@ -207,3 +207,15 @@ def test_verify_models_smoke(tmp_path):
 
     results = verify_models.main(["--smoke", "--out", str(tmp_path / "verify.json")])
     assert results and all(r.get("passed") for r in results), results
+
+
+def test_dino_step_variant_names():
+    parse = dino_step.parse_variant
+    assert parse("eager") == {"patched": False, "packing": False, "compile": None, "graph": False}
+    assert parse("fastvision+packing+graph") == {"patched": True, "packing": True, "compile": None, "graph": True}
+    assert parse("compile+graph")["compile"] == "" and parse("fastvision+compile-all")["compile"] == "all"
+    for name in dino_step.VARIANTS + dino_step.GRAPH_VARIANTS:
+        parse(name)
+    for bad in ("eager+packing", "compile+compile-all", "fastvision+graph+graph", "fast", "fastvision+fused"):
+        with pytest.raises(ValueError, match="unknown variant"):
+            parse(bad)
