@@ -41,12 +41,10 @@ def softmax_layers(device, dtype) -> Dict[str, Callable[[], object]]:
     x0 = x.detach()
     y = torch.empty_like(x0)
     dy = torch.randn_like(x0)
-    block = kernels._block(197)[0]
-    rows, warps = kernels._tile(block, True)
+    meta, rows = kernels._config(197, x0.element_size(), (x0, x0.stride(0)), (y, y.stride(0)))
 
     def raw_launch():
-        kernels.softmax_fwd_kernel[(cdiv(8, rows),)](x0, y, x0.stride(0), y.stride(0), 8, 197, BLOCK_N=block,
-                                                     ROWS=rows, SINGLE_BLOCK=True, num_warps=warps)
+        kernels.softmax_fwd_kernel[(cdiv(8, rows),)](x0, y, x0.stride(0), y.stride(0), 8, 197, **meta)
     return {
         "eager fwd": lambda: torch.softmax(x0, -1),
         "raw triton launch": raw_launch,
