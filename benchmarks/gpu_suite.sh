@@ -10,14 +10,16 @@
 # not stop the next.
 #
 # Environment:
-#   SUITE_STEPS       comma-separated steps to run (default env,build,conv-tests,host,micro,hooks,models,tests,
-#                     verify), e.g. SUITE_STEPS=env,build,conv-tests,host,micro then SUITE_STEPS=build,hooks,models
+#   SUITE_STEPS       comma-separated steps to run (default env,build,new-tests,hooks,conv-tests,host,micro,models,
+#                     tests,verify), e.g. SUITE_STEPS=env,build,new-tests,hooks then SUITE_STEPS=build,micro,models
+#   NEW_TESTS         test files of the new-tests step: code not yet tested on a GPU (default: the CUDA-graph
+#                     DINO step, softmax, GELU, LayerNorm)
 #   GPU_TEST_SECONDS  time limit of the GPU test run (default 150)
 #   GPU_TESTS         test paths in the order to run them (default: tests)
 #   MICRO_SECONDS     --max-seconds of the micro benchmark (default 120)
 #   MODELS_SECONDS    --max-seconds of the model benchmark (default 170)
-#   DINO_ARGS         arguments of the DINO step benchmark (default: batch 64, eager / fastvision /
-#                     fastvision+packing / compile, as issue 7 measures it)
+#   DINO_ARGS         arguments of the DINO step benchmark (default: batch 64; eager, fastvision+packing and
+#                     compile, each without and with the CUDA-graph step, and fastvision+graph)
 #   PYTHON            interpreter (default: python3, else python)
 set -u
 
@@ -27,11 +29,12 @@ OUT="$(cd "$OUT" && pwd)"
 cd "$(dirname "$0")/.."
 
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
-STEPS=",${SUITE_STEPS:-env,build,conv-tests,host,micro,hooks,models,tests,verify},"
+STEPS=",${SUITE_STEPS:-env,build,new-tests,hooks,conv-tests,host,micro,models,tests,verify},"
+NEW_TESTS="${NEW_TESTS:-tests/test_dino_cuda_graph.py tests/test_softmax.py tests/test_gelu.py tests/test_layer_norm.py}"
 GPU_TEST_SECONDS="${GPU_TEST_SECONDS:-150}"
 MICRO_SECONDS="${MICRO_SECONDS:-120}"
 MODELS_SECONDS="${MODELS_SECONDS:-170}"
-DINO_ARGS="${DINO_ARGS:---batch 64 --variants eager,fastvision,fastvision+packing,compile}"
+DINO_ARGS="${DINO_ARGS:---batch 64 --variants eager,eager+graph,fastvision+packing,fastvision+packing+graph,fastvision+graph,compile,compile+graph}"
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 export FASTVISION_COMMIT="${FASTVISION_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
 
@@ -95,6 +98,20 @@ if wants build; then
 fi
 
 
+if wants new-tests; then  # what changed since the last GPU run, before the benchmarks that rely on it
+  # shellcheck disable=SC2086
+  run_step new-tests 150 "$OUT/gpu_tests.log" "$PY" -m pytest $NEW_TESTS -m gpu -q -p no:cacheprovider \
+    -o faulthandler_timeout=60
+  tail -1 "$OUT/gpu_tests.log" | sed 's/^/   new-tests: /'
+fi
+
+if wants hooks; then  # the DINO step (issue 7's configuration) and ResNet-50
+  # shellcheck disable=SC2086
+  run_step dino_step 220 "$OUT/bench.log" "$PY" -m benchmarks.dino_step --quick ${DINO_ARGS} --max-seconds 150 \
+    --out "$OUT/dino_step.json"
+  run_step resnet_bench 120 "$OUT/bench.log" "$PY" -m benchmarks.resnet_bench --quick --out "$OUT/resnet.json"
+fi
+
 if wants conv-tests; then  # the CUDA conv/BN kernels and patched ResNets: a short run of their own
   run_step conv-tests 90 "$OUT/gpu_tests.log" "$PY" -m pytest tests/test_conv_bn_act.py tests/test_fold_batchnorm.py \
     tests/test_patch_resnet.py -m gpu -q -p no:cacheprovider -o faulthandler_timeout=30
@@ -116,12 +133,6 @@ if wants models; then
     "$PY" -m benchmarks.models --quick --out "$OUT/models" --max-seconds "$MODELS_SECONDS"
 fi
 
-if wants hooks; then  # the DINO step (issue 7's configuration) and ResNet-50
-  # shellcheck disable=SC2086
-  run_step dino_step 180 "$OUT/bench.log" "$PY" -m benchmarks.dino_step --quick ${DINO_ARGS} --max-seconds 100 \
-    --out "$OUT/dino_step.json"
-  run_step resnet_bench 120 "$OUT/bench.log" "$PY" -m benchmarks.resnet_bench --quick --out "$OUT/resnet.json"
-fi
 
 
 if wants tests; then

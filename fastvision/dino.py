@@ -460,6 +460,7 @@ class GraphedForwardBackward:
         step.optimizer.zero_grad(set_to_none=True)  # backward inside the graph allocates (and owns) the grads
         self._inputs = [c.clone() for c in crops]
         torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # the warm-up's cached blocks, so the graph's own pool can have that memory
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self._loss = forward_backward(step.student, step.teacher, step.loss_fn, self._inputs, epoch,
