@@ -6,6 +6,9 @@ For each model: inference (eval, no_grad) and a training step (forward, cross-en
 AdamW step), both under bf16 autocast, in images per second; the peak memory the step allocates and
 the time to the first step (compilation and autotuning count there). Patched inference logits are
 compared with eager ones (same seed, same weights). Writes DIR/models.json.
+"+graph" variants (not in the default set: --variants eager+graph,patch+graph) replay the forward
+(inference) or the forward and backward (training; AdamW stays outside) from a CUDA graph
+(fastvision.cuda_graphs.CapturedCall): device time without the host's launch cost.
 """
 import argparse
 import gc
@@ -28,6 +31,7 @@ MODELS = {  # name -> batch size of the full run
 QUICK_MODELS = ("vit_small_patch16_224", "vit_base_patch16_224")
 SMOKE_MODEL = "vit_tiny_patch16_224"
 VARIANTS = ("eager", "compile", "patch", "patch+compile")
+GRAPH_VARIANTS = ("eager+graph", "patch+graph", "compile+graph", "patch+compile+graph")
 TASKS = ("infer", "train")
 
 
@@ -53,6 +57,22 @@ def prepare(model: torch.nn.Module, variant: str, task: str) -> Callable:
     return torch.compile(model) if "compile" in variant else model
 
 
+def graphed(step: Callable, model: torch.nn.Module, task: str) -> Callable:
+    """The step's forward (and backward) replayed from a CUDA graph; the optimizer step runs after it."""
+    from fastvision.cuda_graphs import CapturedCall
+
+    if task == "infer":
+        call = CapturedCall(step)
+        return lambda: call().clone()
+    call = CapturedCall(step.forward_backward, grad_params=model.parameters())
+
+    def train():
+        loss = call().clone()
+        step.optimizer.step()
+        return loss
+    return train
+
+
 def autocast(device: torch.device, amp: Optional[torch.dtype]):
     return torch.autocast(device.type, dtype=amp, enabled=amp is not None)
 
@@ -66,13 +86,18 @@ def make_step(runner: Callable, model: torch.nn.Module, task: str, images, label
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05,
                                   **({"fused": True} if device.type == "cuda" else {}))
 
-    def train():
+    def forward_backward():
+        optimizer.zero_grad(set_to_none=True)
         with autocast(device, amp):
             loss = F.cross_entropy(runner(images).float(), labels)
         loss.backward()
+        return loss.detach()
+
+    def train():
+        loss = forward_backward()
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
         return loss
+    train.forward_backward, train.optimizer = forward_backward, optimizer
     return train
 
 
@@ -92,6 +117,8 @@ def measure(name: str, variant: str, task: str, args, device, reference: Dict[st
         images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, 1000, (batch,), device=device)
     step = make_step(runner, model, task, images, labels, device, args.amp)
+    if variant.endswith("+graph"):
+        step = graphed(step, model, task)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     common.synchronize(device)
@@ -161,7 +188,8 @@ def parse_args(argv=None):
                    help="ViT-S/16 and ViT-B/16, batch 128, 10 steps (~3 min on an H100)")
     p.add_argument("--smoke", action="store_true", help=f"CPU, a one-block {SMOKE_MODEL} at 32 px, eager and patch")
     p.add_argument("--models", default=None, help=f"comma-separated subset of {','.join(MODELS)}")
-    p.add_argument("--variants", default=None, help=f"comma-separated subset of {','.join(VARIANTS)}")
+    p.add_argument("--variants", default=None,
+                   help=f"comma-separated subset of {','.join(VARIANTS + GRAPH_VARIANTS)} (default: the first four)")
     p.add_argument("--tasks", default=None, help=f"comma-separated subset of {','.join(TASKS)}")
     p.add_argument("--batch", type=int, default=None, help="batch size for every model (default: per model)")
     p.add_argument("--iters", type=int, default=None, help="timed steps")
@@ -172,7 +200,7 @@ def parse_args(argv=None):
     args.models = common.iter_names(args.models, MODELS) if args.models else list(default_models)
     if args.smoke:
         args.models = [SMOKE_MODEL]
-    args.variants = common.iter_names(args.variants, VARIANTS) if args.variants else (
+    args.variants = common.iter_names(args.variants, VARIANTS + GRAPH_VARIANTS) if args.variants else (
         ["eager", "patch"] if args.smoke else list(VARIANTS))
     args.tasks = common.iter_names(args.tasks, TASKS)
     fixed_batch = args.batch or (2 if args.smoke else (128 if args.quick else None))

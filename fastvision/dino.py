@@ -21,6 +21,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from fastvision.cuda_graphs import CapturedCall
+
 Crops = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 
@@ -396,77 +398,40 @@ class GraphedForwardBackward:
 
     The DINO step's shapes never change (2 global + N local crops of fixed sizes), so its forward,
     loss, backward and gradient clipping (several thousand kernel launches, host-bound for a
-    ViT-S) can be captured once. The first ``warmup_steps`` calls for a new shape or teacher
-    temperature run eagerly on a side stream (lazy initialisation, kernel tuning, torch.compile),
-    the next one captures; later calls copy the crops into the graph's inputs and replay it.
-    The optimizer step and EMA update stay outside the graph, so learning-rate, weight-decay and
-    momentum schedules (Python numbers) apply as usual. Parameters are updated in place, which the
-    graph reads on its next replay; the gradients are the graph's own tensors, re-attached to
-    ``.grad`` after each replay (the last-layer freeze drops them between steps). Drop-path draws
-    fresh random numbers on each replay (the CUDA generator advances with the graph).
+    ViT-S) can be captured once (fastvision.cuda_graphs.CapturedCall): the first ``warmup_steps``
+    calls for a crop layout and teacher temperature run eagerly, the next one captures, later
+    calls copy the crops into the graph's inputs and replay it. The optimizer step and EMA update
+    stay outside the graph, so learning-rate, weight-decay and momentum schedules (Python numbers)
+    apply as usual; parameters are updated in place and the graph reads them on its next replay.
+    Drop path draws fresh random numbers on each replay (the CUDA generator advances with the graph).
     """
 
     def __init__(self, warmup_steps: int = 2):
         self.warmup_steps = warmup_steps
         self._key = None
-        self._eager_calls = 0
-        self._graph = None
+        self._call: Optional[CapturedCall] = None
         self._inputs: List[torch.Tensor] = []
-        self._loss: Optional[torch.Tensor] = None
-        self._grads: List[Tuple[nn.Parameter, torch.Tensor]] = []
 
     @property
     def captured(self) -> bool:
-        return self._graph is not None
+        return self._call is not None and self._call.captured
 
     def __call__(self, step: "DINOStep", crops: Sequence[torch.Tensor], epoch: int) -> torch.Tensor:
         crops = list(crops)
         key = (tuple((c.shape, c.dtype, c.device) for c in crops), step.loss_fn.teacher_temp(epoch))
         if key != self._key:
-            self._release()
-            self._key = key
-        if self._graph is None and self._eager_calls < self.warmup_steps:
-            self._eager_calls += 1
-            return self._side_stream(lambda: self._eager(step, crops, epoch))
-        if self._graph is None:
-            self._capture(step, crops, epoch)
+            self._key, self._call = key, None  # a new layout or temperature: warm up and capture again
+            self._inputs = [torch.empty_like(c) for c in crops]
+            self._call = CapturedCall(lambda: self._forward_backward(step, epoch), warmup_steps=self.warmup_steps,
+                                      grad_params=step.student.parameters())
         for static, crop in zip(self._inputs, crops):
             static.copy_(crop, non_blocking=True)
-        self._graph.replay()
-        for param, grad in self._grads:
-            param.grad = grad
-        return self._loss.clone()
+        return self._call().clone()
 
-    def _release(self) -> None:
-        self._graph, self._inputs, self._loss, self._grads = None, [], None, []
-        self._eager_calls = 0
-
-    @staticmethod
-    def _side_stream(fn):
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            out = fn()
-        torch.cuda.current_stream().wait_stream(side)
-        return out
-
-    @staticmethod
-    def _eager(step: "DINOStep", crops: List[torch.Tensor], epoch: int) -> torch.Tensor:
-        step.optimizer.zero_grad(set_to_none=True)
-        return forward_backward(step.student, step.teacher, step.loss_fn, crops, epoch, clip_grad=step.clip_grad,
-                                autocast_dtype=step.autocast_dtype)
-
-    def _capture(self, step: "DINOStep", crops: List[torch.Tensor], epoch: int) -> None:
-        step.optimizer.zero_grad(set_to_none=True)  # backward inside the graph allocates (and owns) the grads
-        self._inputs = [c.clone() for c in crops]
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()  # the warm-up's cached blocks, so the graph's own pool can have that memory
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._loss = forward_backward(step.student, step.teacher, step.loss_fn, self._inputs, epoch,
-                                          clip_grad=step.clip_grad, autocast_dtype=step.autocast_dtype)
-        self._graph = graph
-        self._grads = [(p, p.grad) for p in step.student.parameters() if p.grad is not None]
+    def _forward_backward(self, step: "DINOStep", epoch: int) -> torch.Tensor:
+        step.optimizer.zero_grad(set_to_none=True)  # inside a capture: the graph allocates (and owns) the grads
+        return forward_backward(step.student, step.teacher, step.loss_fn, self._inputs, epoch,
+                                clip_grad=step.clip_grad, autocast_dtype=step.autocast_dtype)
 
 
 class DINOStep:
