@@ -30,7 +30,7 @@ cd "$(dirname "$0")/.."
 
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
 STEPS=",${SUITE_STEPS:-env,build,new-tests,hooks,conv-tests,host,micro,models,tests,verify},"
-NEW_TESTS="${NEW_TESTS:-tests/test_dino_cuda_graph.py tests/test_softmax.py tests/test_gelu.py tests/test_layer_norm.py}"
+NEW_TESTS="${NEW_TESTS:-tests/test_cuda_graphs.py tests/test_dino_cuda_graph.py tests/test_softmax.py tests/test_gelu.py tests/test_layer_norm.py}"
 GPU_TEST_SECONDS="${GPU_TEST_SECONDS:-150}"
 MICRO_SECONDS="${MICRO_SECONDS:-120}"
 MODELS_SECONDS="${MODELS_SECONDS:-170}"
