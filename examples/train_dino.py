@@ -322,6 +322,9 @@ def train_one_epoch(args, epoch, loader, niter, step, schedules, show) -> float:
                 group["weight_decay"] = wd_schedule[it]
         crops = [c.to(args.device, non_blocking=True) for c in crops]
         loss = step(crops, epoch, momentum_schedule[it])
+        if i == 0 and epoch == args.start_epoch and step.graph is not None and is_main(args):
+            reason = step.why_not_graphed(crops)
+            print(f"CUDA graph: {'off, ' + reason if reason else 'on (captured after the warm-up steps)'}", flush=True)
         loss_sum = loss if loss_sum is None else loss_sum + loss
         if (i + 1) % args.print_freq == 0 or i + 1 == niter:  # the only host syncs of the loop
             value = loss.item()
@@ -419,7 +422,7 @@ def main(argv=None) -> None:
         dino.cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, niter),
         dino.cosine_scheduler(args.momentum_teacher, 1.0, args.epochs, niter),
     )
-    start_epoch = resume(args, student, teacher, optimizer, loss_fn)
+    start_epoch = args.start_epoch = resume(args, student, teacher, optimizer, loss_fn)
     step = dino.DINOStep(student, teacher, loss_fn, optimizer, clip_grad=args.clip_grad,
                          freeze_last_layer=args.freeze_last_layer,
                          autocast_dtype=torch.bfloat16 if args.amp == "bf16" else None, cuda_graph=args.cuda_graph)

@@ -37,9 +37,10 @@ def test_train_checkpoint_resume_and_knn(tmp_path):
     teacher_before = state["teacher"]
 
     # Resume for a third epoch with eager modules: fastvision checkpoints load unchanged.
-    out = train(tmp_path, "--epochs", "3", "--resume", "--no-fastvision", "--no-knn")
+    out = train(tmp_path, "--epochs", "3", "--resume", "--no-fastvision", "--no-knn", "--cuda-graph")
     assert f"resumed from {checkpoint} at epoch 2" in out and "epoch 1/3" not in out and "epoch 3/3" in out
     assert "fastvision.patch:" not in out and "k-NN" not in out
+    assert "CUDA graph: off, CUDA graphs need the crops on a CUDA device" in out
     state = torch.load(checkpoint, weights_only=False)
     assert state["epoch"] == 3 and list(state["teacher"]) == list(teacher_before)
     moved = [k for k in teacher_before if not torch.equal(teacher_before[k], state["teacher"][k])]
