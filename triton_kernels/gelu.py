@@ -6,18 +6,42 @@ tanh:  gelu(x) = x/2 * (1 + tanh(u)) = x * sigmoid(2u),  u = sqrt(2/pi) * (x + 0
 The bias variant computes gelu(x + b) over rows of width N (the sum in float32, not
 rounded to the input dtype first); its backward also
 reduces db = sum_rows(dy * gelu'(x + b)) through per-program partial rows.
+In float32 (the arithmetic for 16-bit inputs too) the exact form costs one exp2 and one rsqrt
+(MUFU instructions) and a degree-7 polynomial per element, about 20 instructions in all.
+gelu(-inf) is 0 (the limit; torch's x * Phi(x) gives -inf * 0 = NaN) and gelu(inf) is inf.
 """
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import accumulator_dtype, cdiv, new_output, next_power_of_2, pointer, reduction_programs, rows_of
+from ._launch import accumulator_dtype, cdiv, multiprocessors, new_output, next_power_of_2, pointer, rows_of
 
 SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 INV_SQRT_2 = tl.constexpr(0.7071067811865476)
 INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 TANH_COEF = tl.constexpr(0.044715)
-ELEMENTWISE_BLOCK = 1024
+MINUS_2_LOG2E = tl.constexpr(-2.0 * 1.4426950408889634)
+# float32 exact GELU. phi(x) = exp2(-x^2 * HALF_LOG2E - LOG2_SQRT_2PI); the upper tail
+# Q(a) = 1 - Phi(a) = phi(a) * P(t), t = 1 / (1 + p a), with p and the degree-7 P fitted here
+# (minimax in relative error) to the Mills ratio Q / phi on 0 <= a <= 13.2 (Q underflows
+# beyond): relative error 2.6e-7, so Q keeps its relative accuracy deep in the left tail.
+HALF_LOG2E = tl.constexpr(0.7213475204444817)
+LOG2_SQRT_2PI = tl.constexpr(1.3257480647361595)
+TAIL_2P = tl.constexpr(2 * 0.34789066)  # TAIL_P = 0.34789066: (1 + p a)^2 = 1 + 2p a + p^2 a^2
+TAIL_P_SQ = tl.constexpr(0.34789066 * 0.34789066)
+TAIL_C0 = tl.constexpr(-8.722713471556135e-05)
+TAIL_C1 = tl.constexpr(0.349844698053124)
+TAIL_C2 = tl.constexpr(0.3295251007440709)
+TAIL_C3 = tl.constexpr(0.40008227628474696)
+TAIL_C4 = tl.constexpr(-0.06574147825228276)
+TAIL_C5 = tl.constexpr(0.6326416659429837)
+TAIL_C6 = tl.constexpr(-0.515782351090773)
+TAIL_C7 = tl.constexpr(0.12283177201264206)
+FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)
+# 32 elements per thread (four 16-byte loads of bf16): the block's address and mask setup is
+# shared by more elements.
+ELEMENTWISE_BLOCK = 4096
+ELEMENTWISE_WARPS = 4
 
 
 @triton.jit
@@ -35,37 +59,58 @@ def _erfc_from(z, t):
 
 
 @triton.jit
-def _normal_cdf(x):
-    """Phi(x) with small relative error in the left tail too.
+def _pdf_and_tail(x):
+    """float32 (phi(x), Q(|x|)) with one exp2 and one rsqrt, single MUFU instructions each.
 
-    1 + erf(x/sqrt2) cancels for x << 0, so the tail e = erfc(|x|/sqrt2)/2 is evaluated
-    directly. In float32 (and below) Phi = e for x < 0 and 1 - e otherwise: one reciprocal
-    (the approximate one, 2 ulp, far below the fit's error) and one exp per element. float64
-    keeps erf at double precision for x >= -1.
+    x^2 is exact for 16-bit inputs, so the exponent is rounded once. t = rsqrt((1 + p|x|)^2):
+    Triton's division and reciprocal carry a range fix-up of ~8 instructions, rsqrt has none.
     """
+    # Tensors on the left: in the interpreter a tl.constexpr on the left wraps the result.
+    x2 = x * x
+    pdf = tl.exp2(x2 * -HALF_LOG2E - LOG2_SQRT_2PI)
+    t = tl.rsqrt(x2 * TAIL_P_SQ + (tl.abs(x) * TAIL_2P + 1.0))
+    poly = t * TAIL_C7 + TAIL_C6
+    poly = t * poly + TAIL_C5
+    poly = t * poly + TAIL_C4
+    poly = t * poly + TAIL_C3
+    poly = t * poly + TAIL_C2
+    poly = t * poly + TAIL_C1
+    poly = t * poly + TAIL_C0
+    return pdf, pdf * poly
+
+
+@triton.jit
+def _normal_cdf_f64(x):
+    """Phi(x) in float64: erf at double precision for x >= -1, the erfc fit (relative error
+    1.2e-7) in the left tail, where 1 + erf(x/sqrt2) cancels."""
     z = tl.abs(x) * INV_SQRT_2
-    if x.dtype == tl.float64:
-        tail = 0.5 * _erfc_from(z, 1.0 / (1.0 + 0.5 * z))
-        cdf = tl.where(x < -1.0, tail, 0.5 * (1.0 + tl.math.erf(x * INV_SQRT_2)))
-    else:
-        tail = 0.5 * _erfc_from(z, tl.fdiv(1.0, 1.0 + 0.5 * z))
-        cdf = tl.where(x < 0.0, tail, 1.0 - tail)
-    return cdf
+    tail = 0.5 * _erfc_from(z, 1.0 / (1.0 + 0.5 * z))
+    return tl.where(x < -1.0, tail, 0.5 * (1.0 + tl.math.erf(x * INV_SQRT_2)))
 
 
 @triton.jit
 def _tanh_gate(x):
     # (1 + tanh(u)) / 2 = sigmoid(2u): no cancellation for x << 0.
-    u = SQRT_2_OVER_PI * (x + TANH_COEF * x * x * x)
-    return tl.fdiv(1.0, 1.0 + tl.exp(-2.0 * u)) if u.dtype != tl.float64 else 1.0 / (1.0 + tl.exp(-2.0 * u))
+    u = (x + x * x * x * TANH_COEF) * SQRT_2_OVER_PI
+    if u.dtype == tl.float64:
+        gate = 1.0 / (1.0 + tl.exp(-2.0 * u))
+    else:
+        # 1 / (1 + e) as rsqrt((1 + e)^2), see _pdf_and_tail; e = inf gives 0.
+        e = tl.exp2(u * MINUS_2_LOG2E)
+        gate = tl.rsqrt(1.0 + e * (2.0 + e))
+    return gate
 
 
 @triton.jit
 def gelu_math(x, APPROX_TANH: tl.constexpr):
     if APPROX_TANH:
         y = x * _tanh_gate(x)
+    elif x.dtype == tl.float64:
+        y = x * _normal_cdf_f64(x)
     else:
-        y = x * _normal_cdf(x)
+        # x Phi(x) = max(x, 0) - |x| Q(|x|); |x| capped so that x = inf gives inf, not inf * 0.
+        _, tail = _pdf_and_tail(x)
+        y = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL) - tl.minimum(tl.abs(x), FLOAT32_MAX) * tail
     return y
 
 
@@ -75,43 +120,49 @@ def gelu_grad_math(x, APPROX_TANH: tl.constexpr):
         # d/dx [x s(2u)] = s + 2 x s (1 - s) u'(x)
         s = _tanh_gate(x)
         g = s + 2.0 * x * s * (1.0 - s) * SQRT_2_OVER_PI * (1.0 + 3.0 * TANH_COEF * x * x)
+    elif x.dtype == tl.float64:
+        g = _normal_cdf_f64(x) + x * tl.exp(-0.5 * x * x) * INV_SQRT_2PI
     else:
-        g = _normal_cdf(x) + x * tl.exp(-0.5 * x * x) * INV_SQRT_2PI
+        pdf, tail = _pdf_and_tail(x)
+        g = tl.where(x < 0.0, tail, 1.0 - tail) + x * pdf
     return g
 
 
 @triton.jit
 def gelu_fwd_kernel(X, Y, numel, APPROX_TANH: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
+    # 64-bit block start, 32-bit offsets within the block.
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    offs = tl.arange(0, BLOCK)
+    mask = offs < numel - start
     acc_ty = tl.float64 if X.dtype.element_ty == tl.float64 else tl.float32
-    x = tl.load(X + offs, mask=mask, other=0.0).to(acc_ty)
-    tl.store(Y + offs, gelu_math(x, APPROX_TANH), mask=mask)
+    x = tl.load(X + start + offs, mask=mask).to(acc_ty)
+    tl.store(Y + start + offs, gelu_math(x, APPROX_TANH), mask=mask)
 
 
 @triton.jit
 def gelu_bwd_kernel(DY, X, DX, numel, APPROX_TANH: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    offs = tl.arange(0, BLOCK)
+    mask = offs < numel - start
     acc_ty = tl.float64 if X.dtype.element_ty == tl.float64 else tl.float32
-    x = tl.load(X + offs, mask=mask, other=0.0).to(acc_ty)
-    dy = tl.load(DY + offs, mask=mask, other=0.0).to(acc_ty)
-    tl.store(DX + offs, dy * gelu_grad_math(x, APPROX_TANH), mask=mask)
+    x = tl.load(X + start + offs, mask=mask).to(acc_ty)
+    dy = tl.load(DY + start + offs, mask=mask).to(acc_ty)
+    tl.store(DX + start + offs, dy * gelu_grad_math(x, APPROX_TANH), mask=mask)
 
 
 @triton.jit
 def bias_gelu_fwd_kernel(X, Bias, Y, M, N, stride_x, stride_y,
                          APPROX_TANH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row0 = tl.program_id(0) * BLOCK_M
+    rows = tl.arange(0, BLOCK_M)[:, None]
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < N
-    mask = (rows < M)[:, None] & col_mask[None, :]
-    rows = rows.to(tl.int64)[:, None]
+    mask = (rows < M - row0) & (cols < N)[None, :]
     acc_ty = tl.float64 if X.dtype.element_ty == tl.float64 else tl.float32
-    b = tl.load(Bias + cols, mask=col_mask, other=0.0)
-    x = tl.load(X + rows * stride_x + cols[None, :], mask=mask, other=0.0)
-    pre = x.to(acc_ty) + b[None, :].to(acc_ty)
-    tl.store(Y + rows * stride_y + cols[None, :], gelu_math(pre, APPROX_TANH), mask=mask)
+    b = tl.load(Bias + cols[None, :], mask=(cols < N)[None, :]).to(acc_ty)
+    rows = (row0 + rows).to(tl.int64)
+    x = tl.load(X + rows * stride_x + cols[None, :], mask=mask)
+    y = gelu_math(x.to(acc_ty) + b, APPROX_TANH)
+    tl.store(Y + rows * stride_y + cols[None, :], y, mask=mask)
 
 
 @triton.jit
@@ -119,23 +170,23 @@ def bias_gelu_bwd_kernel(DY, X, Bias, DX, DB_PARTIAL, M, N, stride_dy, stride_x,
                          APPROX_TANH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < N
+    col_mask = (cols < N)[None, :]
+    rows = tl.arange(0, BLOCK_M)[:, None]
     acc_ty = tl.float64 if X.dtype.element_ty == tl.float64 else tl.float32
-    b = tl.load(Bias + cols, mask=col_mask, other=0.0)
-    db_acc = tl.zeros([BLOCK_N], dtype=acc_ty)
+    b = tl.load(Bias + cols[None, :], mask=col_mask).to(acc_ty)
+    # Summed over rows once at the end; masked lanes load dy = 0 and add nothing.
+    db_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_ty)
     row_start = pid.to(tl.int64) * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
-    for start in range(row_start, row_end, BLOCK_M):
-        rows = start + tl.arange(0, BLOCK_M)
-        mask = (rows < row_end)[:, None] & col_mask[None, :]
-        rows = rows[:, None]
-        x = tl.load(X + rows * stride_x + cols[None, :], mask=mask, other=0.0)
-        dy = tl.load(DY + rows * stride_dy + cols[None, :], mask=mask, other=0.0).to(acc_ty)
-        pre = x.to(acc_ty) + b[None, :].to(acc_ty)
-        dx = tl.where(mask, dy * gelu_grad_math(pre, APPROX_TANH), 0.0)
-        tl.store(DX + rows * stride_dx + cols[None, :], dx, mask=mask)
-        db_acc += tl.sum(dx, axis=0)
-    tl.store(DB_PARTIAL + pid.to(tl.int64) * N + cols, db_acc, mask=col_mask)
+    for row0 in range(row_start, row_end, BLOCK_M):
+        mask = (rows < row_end - row0) & col_mask
+        r = row0 + rows
+        x = tl.load(X + r * stride_x + cols[None, :], mask=mask, other=0.0)
+        dy = tl.load(DY + r * stride_dy + cols[None, :], mask=mask, other=0.0)
+        dx = dy.to(acc_ty) * gelu_grad_math(x.to(acc_ty) + b, APPROX_TANH)
+        tl.store(DX + r * stride_dx + cols[None, :], dx, mask=mask)
+        db_acc += dx
+    tl.store(DB_PARTIAL + pid.to(tl.int64) * N + cols, tl.sum(db_acc, axis=0), mask=cols < N)
 
 
 def _elementwise_grid(numel):
@@ -147,7 +198,7 @@ def gelu_fwd(x, approximate_tanh: bool):
     y = new_output(x.shape, dtype=x.dtype, device=x.device)
     if x.numel():
         gelu_fwd_kernel[_elementwise_grid(x.numel())](x, y, x.numel(), APPROX_TANH=approximate_tanh,
-                                                      BLOCK=ELEMENTWISE_BLOCK, num_warps=4)
+                                                      BLOCK=ELEMENTWISE_BLOCK, num_warps=ELEMENTWISE_WARPS)
     return y
 
 
@@ -155,14 +206,32 @@ def gelu_bwd(dy, x, approximate_tanh: bool):
     dx = new_output(x.shape, dtype=x.dtype, device=x.device)
     if x.numel():
         gelu_bwd_kernel[_elementwise_grid(x.numel())](dy, x, dx, x.numel(), APPROX_TANH=approximate_tanh,
-                                                      BLOCK=ELEMENTWISE_BLOCK, num_warps=4)
+                                                      BLOCK=ELEMENTWISE_BLOCK, num_warps=ELEMENTWISE_WARPS)
     return dx
 
 
-def _bias_blocks(N):
-    """2048-element tiles, as wide as the row allows (up to 256): fewer address computations per element."""
-    block_n = min(next_power_of_2(N), 256)
-    return max(2048 // block_n, 1), block_n
+def _bias_tile(N, dtype):
+    """(BLOCK_M, BLOCK_N, num_warps) for the bias kernels.
+
+    Each warp spans one 16-byte vector per thread of a row (256 bf16 columns), warps side by
+    side along the row and rows repeated inside each thread: a thread's rows share its bias
+    registers, and the bias load needs no reshuffle through shared memory. The widest such
+    tile (up to 4 warps) that pads N by at most 1/8; about 32 elements per thread.
+    """
+    warp_cols = 32 * max(16 // dtype.itemsize, 1)
+    if N <= warp_cols:
+        block_n, warps = next_power_of_2(N), 1
+    else:
+        warps = next((w for w in (4, 2) if cdiv(N, w * warp_cols) * w * warp_cols * 8 <= 9 * N), 1)
+        block_n = warps * warp_cols
+    return max(1024 * warps // block_n, 1), block_n, warps
+
+
+def _db_rows_per_program(M, block_m, programs_per_row_group, warps, device):
+    """Rows each bias-backward program reduces: enough programs for ~32 resident warps per SM,
+    and no more (each one adds a row to the partial-sum buffer)."""
+    target = 32 * multiprocessors(device.index) // (warps * programs_per_row_group) if device.type == "cuda" else 4
+    return block_m * cdiv(M, block_m * max(target, 1))
 
 
 def bias_gelu_fwd(x, bias, approximate_tanh: bool):
@@ -171,10 +240,10 @@ def bias_gelu_fwd(x, bias, approximate_tanh: bool):
     N = x.shape[-1]
     y = new_output(x.shape, dtype=x.dtype, device=x.device)
     if M and N:
-        block_m, block_n = _bias_blocks(N)
+        block_m, block_n, warps = _bias_tile(N, x.dtype)
         grid = (cdiv(M, block_m), cdiv(N, block_n))
         bias_gelu_fwd_kernel[grid](x, bias, y, M, N, stride_x, N, APPROX_TANH=approximate_tanh,
-                                   BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+                                   BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
     return y
 
 
@@ -186,14 +255,14 @@ def bias_gelu_bwd(dy, x, bias, approximate_tanh: bool):
     dx = new_output(x.shape, dtype=x.dtype, device=x.device)
     if not (M and N):
         return dx, dx.new_zeros(N, dtype=accumulator_dtype(x.dtype))
-    block_m, block_n = _bias_blocks(N)
-    programs = max(1, reduction_programs(M, x.device) // cdiv(N, block_n))
-    rows_per_program = cdiv(M, programs)
+    block_m, block_n, warps = _bias_tile(N, x.dtype)
+    col_blocks = cdiv(N, block_n)
+    rows_per_program = _db_rows_per_program(M, block_m, col_blocks, warps, x.device)
     programs = cdiv(M, rows_per_program)
     db_partial = new_output((programs, N), dtype=accumulator_dtype(x.dtype), device=x.device)
-    bias_gelu_bwd_kernel[(programs, cdiv(N, block_n))](
+    bias_gelu_bwd_kernel[(programs, col_blocks)](
         dy, x, bias, dx, db_partial, M, N, rows_of(dy)[1], stride_x, N, rows_per_program,
-        APPROX_TANH=approximate_tanh, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+        APPROX_TANH=approximate_tanh, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
     return dx, db_partial.sum(0)
 
 
@@ -203,15 +272,18 @@ def aot_specializations():
         p, acc = pointer(dtype), pointer(accumulator_dtype(dtype))
         for tanh in (False, True):
             flat = {"BLOCK": ELEMENTWISE_BLOCK, "APPROX_TANH": tanh}
+            warps = {"num_warps": ELEMENTWISE_WARPS}
             yield (gelu_fwd_kernel, {"X": p, "Y": p, "numel": "i32", "APPROX_TANH": "constexpr",
-                                     "BLOCK": "constexpr"}, flat, {"num_warps": 4})
+                                     "BLOCK": "constexpr"}, flat, warps)
             yield (gelu_bwd_kernel, {"DY": p, "X": p, "DX": p, "numel": "i32", "APPROX_TANH": "constexpr",
-                                     "BLOCK": "constexpr"}, flat, {"num_warps": 4})
-            block_m, block_n = _bias_blocks(1536)
-            tiles = {"APPROX_TANH": tanh, "BLOCK_M": block_m, "BLOCK_N": block_n}
-            tile_sig = {"APPROX_TANH": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}
-            yield (bias_gelu_fwd_kernel, {"X": p, "Bias": p, "Y": p, "M": "i32", "N": "i32", "stride_x": "i32",
-                                          "stride_y": "i32", **tile_sig}, tiles, {"num_warps": 4})
-            yield (bias_gelu_bwd_kernel, {"DY": p, "X": p, "Bias": p, "DX": p, "DB_PARTIAL": acc, "M": "i32",
-                                          "N": "i32", "stride_dy": "i32", "stride_x": "i32", "stride_dx": "i32",
-                                          "rows_per_program": "i32", **tile_sig}, tiles, {"num_warps": 4})
+                                     "BLOCK": "constexpr"}, flat, warps)
+            for n in (37, 768, 1536, 3072):  # each tile shape _bias_tile picks
+                block_m, block_n, warps = _bias_tile(n, dtype)
+                tiles = {"APPROX_TANH": tanh, "BLOCK_M": block_m, "BLOCK_N": block_n}
+                tile_sig = {"APPROX_TANH": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}
+                yield (bias_gelu_fwd_kernel, {"X": p, "Bias": p, "Y": p, "M": "i32", "N": "i32", "stride_x": "i32",
+                                              "stride_y": "i32", **tile_sig}, tiles, {"num_warps": warps})
+                yield (bias_gelu_bwd_kernel, {"DY": p, "X": p, "Bias": p, "DX": p, "DB_PARTIAL": acc, "M": "i32",
+                                              "N": "i32", "stride_dy": "i32", "stride_x": "i32",
+                                              "stride_dx": "i32", "rows_per_program": "i32", **tile_sig}, tiles,
+                                   {"num_warps": warps})

@@ -8,64 +8,87 @@ dw and db are reduced deterministically: each program accumulates the rows it
 owns into a private row of a partial buffer (dw rows, then db rows, in one
 allocation), then one sum over the partial rows gives both.
 Rows with a large mean and a tiny spread (mean 1e4, std 1e-2) keep their precision:
-values are shifted by the row's first element before any sum (x - shift is exact for
-nearby floats), the variance is a second pass over centred values, and the backward
-recomputes the centred values the same way instead of subtracting a rounded mean.
+a first sum gives a rough mean m, values are shifted by it (h - m is exact for h near m),
+and a second sum over the shifted values d gives the correction mean(d) and the variance
+mean(d^2) - mean(d)^2, which cancels little since mean(d) is only m's rounding error. The
+backward recomputes the shifted values the same way instead of subtracting a rounded mean.
+
+Rows up to WARP_ROW wide are held in registers, ROWS rows per program and each row within one
+warp: the tile's rows are segments of SEG columns (16-byte vectors on adjacent threads), tile
+row k * ROWS + r holding segment k of row r. Triton puts warps along tile rows, so a row's
+sums need shuffles only, no shared memory or barrier, and its rstd, mean and partial sums are
+per-thread registers. N is a compile-time constant: segments wholly past N (the last quarter
+of 768 in a 1024 block) compile to nothing. Wider rows (up to MAX_SINGLE_BLOCK) take a program
+of several warps each (ROWS = 1, one segment); wider still, rows are streamed in STREAM_BLOCK chunks.
 """
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import (accumulator_dtype, cdiv, new_output, next_power_of_2, pointer, reduction_programs, rows_of,
-                      warps_for_row)
+from ._launch import (accumulator_dtype, cdiv, multiprocessors, new_output, next_power_of_2, pointer, reduction_programs,
+                      rows_of, warps_for_row)
+from ._rows import by_row, flat, row_tile
 
-# Rows up to this width live in registers; wider rows are streamed in blocks.
 MAX_SINGLE_BLOCK = 8192
 STREAM_BLOCK = 4096
+WARP_ROW = 1024  # widest row one warp holds (32 columns per thread)
+WARPS = 4  # per program, for rows a warp holds
+
+
+@triton.jit
+def _negative_zero():
+    """-0.0, the identity of +: x + (-0.0) folds to x, x + 0.0 does not (x may be -0.0).
+    Built from its bits: a -0.0 literal reaches the IR as +0.0."""
+    return tl.full([], -2147483648, tl.int32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _row_sum(x, in_row):
+    """Sum over the columns of each row with in_row, as [1, rows, 1].
+
+    Padded columns count as -0.0, which folds away: segments wholly past N cost nothing.
+    Expanded in the reverse order of the sums, which keeps their register layout.
+    """
+    return tl.sum(tl.sum(tl.where(in_row, x, _negative_zero()), axis=0), axis=1)[:, None][None, :, :]
 
 
 @triton.jit
 def layer_norm_fwd_kernel(
     X, R, H, Y, W, B, Mean, Rstd,
     stride_x, stride_r, stride_h, stride_y,
-    N, eps,
+    M, eps, N: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
+    BLOCK_N: tl.constexpr, SEG: tl.constexpr, ROWS: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
     acc_ty = Mean.dtype.element_ty
-    if HAS_RESIDUAL:
-        src = H
-        stride_src = stride_h
-    else:
-        src = X
-        stride_src = stride_x
-
     if SINGLE_BLOCK:
-        cols = tl.arange(0, BLOCK_N)
+        # Rows past M repeat row M - 1: they store the same values again, and no row mask is needed.
+        row0 = tl.program_id(0) * ROWS
+        rows, cols = row_tile(row0, ROWS, BLOCK_N, SEG)
+        rows = tl.minimum(rows, M - 1).to(tl.int64)
         mask = cols < N
-        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+        x = tl.load(X + rows * stride_x + cols, mask=mask, other=0.0)
         if HAS_RESIDUAL:
-            x += tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
-            tl.store(H + row * stride_h + cols, x, mask=mask)
-        x = x.to(acc_ty)
-        shift = tl.sum(tl.where(cols == 0, x, 0.0), axis=0)
-        d = tl.where(mask, x - shift, 0.0)
-        mean_d = tl.sum(d, axis=0) / N
-        xc = tl.where(mask, d - mean_d, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / N + eps)
-        mean = shift + mean_d
-        y = xc * rstd
+            x += tl.load(R + rows * stride_r + cols, mask=mask, other=0.0)
+            tl.store(H + rows * stride_h + cols, x, mask=mask)
+        x = by_row(x.to(acc_ty), ROWS)
+        in_row = by_row(mask, ROWS)
+        rough_mean = _row_sum(x, in_row) * (1.0 / N)
+        d = x - rough_mean
+        mean_d = _row_sum(d, in_row) * (1.0 / N)
+        # max(): rounding may take the variance of a constant row just below 0
+        rstd = tl.rsqrt(tl.maximum(_row_sum(d * d, in_row) * (1.0 / N) - mean_d * mean_d, 0.0) + eps)
+        y = d * rstd - mean_d * rstd
         if HAS_WEIGHT:
-            y *= tl.load(W + cols, mask=mask).to(acc_ty)
+            y *= by_row(tl.load(W + cols, mask=mask).to(acc_ty), ROWS)
         if HAS_BIAS:
-            y += tl.load(B + cols, mask=mask).to(acc_ty)
-        tl.store(Y + row * stride_y + cols, y, mask=mask)
+            y += by_row(tl.load(B + cols, mask=mask).to(acc_ty), ROWS)
+        tl.store(Y + rows * stride_y + cols, flat(y), mask=mask)
+        stats = tl.minimum(row0 + tl.arange(0, ROWS), M - 1)[None, :, None]
+        tl.store(Mean + stats, rough_mean + mean_d)
+        tl.store(Rstd + stats, rstd)
     else:
-        shift = tl.load(X + row * stride_x)
-        if HAS_RESIDUAL:
-            shift += tl.load(R + row * stride_r)
-        shift = shift.to(acc_ty)
+        row = tl.program_id(0).to(tl.int64)
         total = tl.zeros([BLOCK_N], dtype=acc_ty)
         for start in range(0, N, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
@@ -74,38 +97,46 @@ def layer_norm_fwd_kernel(
             if HAS_RESIDUAL:
                 x += tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
                 tl.store(H + row * stride_h + cols, x, mask=mask)
-            total += tl.where(mask, x.to(acc_ty) - shift, 0.0)
-        mean_d = tl.sum(total, axis=0) / N
-        total = tl.zeros([BLOCK_N], dtype=acc_ty)
+            total += x.to(acc_ty)
+        rough_mean = tl.sum(total, axis=0) * (1.0 / N)
+        if HAS_RESIDUAL:
+            src = H
+            stride_src = stride_h
+        else:
+            src = X
+            stride_src = stride_x
+        sum_d = tl.zeros([BLOCK_N], dtype=acc_ty)
+        sum_d2 = tl.zeros([BLOCK_N], dtype=acc_ty)
         for start in range(0, N, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             mask = cols < N
             x = tl.load(src + row * stride_src + cols, mask=mask, other=0.0).to(acc_ty)
-            xc = tl.where(mask, (x - shift) - mean_d, 0.0)
-            total += xc * xc
-        rstd = 1.0 / tl.sqrt(tl.sum(total, axis=0) / N + eps)
-        mean = shift + mean_d
+            d = tl.where(mask, x - rough_mean, 0.0)
+            sum_d += d
+            sum_d2 += d * d
+        mean_d = tl.sum(sum_d, axis=0) * (1.0 / N)
+        rstd = tl.rsqrt(tl.maximum(tl.sum(sum_d2, axis=0) * (1.0 / N) - mean_d * mean_d, 0.0) + eps)
         for start in range(0, N, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             mask = cols < N
             x = tl.load(src + row * stride_src + cols, mask=mask, other=0.0).to(acc_ty)
-            y = ((x - shift) - mean_d) * rstd
+            y = ((x - rough_mean) - mean_d) * rstd
             if HAS_WEIGHT:
                 y *= tl.load(W + cols, mask=mask).to(acc_ty)
             if HAS_BIAS:
                 y += tl.load(B + cols, mask=mask).to(acc_ty)
             tl.store(Y + row * stride_y + cols, y, mask=mask)
-    tl.store(Mean + row, mean)
-    tl.store(Rstd + row, rstd)
+        tl.store(Mean + row, rough_mean + mean_d)
+        tl.store(Rstd + row, rstd)
 
 
 @triton.jit
 def layer_norm_bwd_kernel(
     DY, H, W, Rstd, DH_SKIP, DX, DW_PARTIAL,
     stride_dy, stride_h, stride_skip, stride_dx,
-    M, N, rows_per_program,
+    M, rows_per_program, N: tl.constexpr,
     HAS_SKIP_GRAD: tl.constexpr, HAS_WEIGHT: tl.constexpr, NEEDS_WB_GRAD: tl.constexpr,
-    BLOCK_N: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
+    BLOCK_N: tl.constexpr, SEG: tl.constexpr, ROWS: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     acc_ty = tl.float64 if H.dtype.element_ty == tl.float64 else tl.float32
@@ -117,63 +148,75 @@ def layer_norm_bwd_kernel(
         DB_PARTIAL = DW_PARTIAL + tl.num_programs(0).to(tl.int64) * N
 
     if SINGLE_BLOCK:
-        cols = tl.arange(0, BLOCK_N)
-        mask = cols < N
+        tile_rows, cols = row_tile(0, ROWS, BLOCK_N, SEG)
+        col_mask = cols < N
+        in_row = by_row(col_mask, ROWS)
+        # Per thread and column, summed over the ROWS rows (across warps) once, at the end.
+        dw_acc = tl.zeros([BLOCK_N // SEG, ROWS, SEG], dtype=acc_ty)
+        db_acc = tl.zeros([BLOCK_N // SEG, ROWS, SEG], dtype=acc_ty)
         if HAS_WEIGHT:
-            w = tl.load(W + cols, mask=mask, other=0.0).to(acc_ty)
-        dw_acc = tl.zeros([BLOCK_N], dtype=acc_ty)
-        db_acc = tl.zeros([BLOCK_N], dtype=acc_ty)
-        for row in range(row_start, row_end):
-            h = tl.load(H + row * stride_h + cols, mask=mask, other=0.0).to(acc_ty)
-            dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(acc_ty)
-            rstd = tl.load(Rstd + row)
-            shift = tl.sum(tl.where(cols == 0, h, 0.0), axis=0)
-            d = tl.where(mask, h - shift, 0.0)
-            xhat = tl.where(mask, (d - tl.sum(d, axis=0) / N) * rstd, 0.0)
+            w = by_row(tl.load(W + cols, mask=col_mask, other=0.0).to(acc_ty), ROWS)
+        for row0 in range(row_start, row_end, ROWS):
+            rows = row0 + tile_rows
+            mask = (rows < row_end) & col_mask
+            h = by_row(tl.load(H + rows * stride_h + cols, mask=mask, other=0.0).to(acc_ty), ROWS)
+            dy = by_row(tl.load(DY + rows * stride_dy + cols, mask=mask, other=0.0).to(acc_ty), ROWS)
+            # Column 0 carries each row's rstd into a row sum (the other columns' -0.0 fold
+            # away): loaded in the tile's register layout, where a [ROWS] vector would be
+            # reshuffled through shared memory.
+            rstd = tl.load(Rstd + rows + cols, mask=mask & (cols == 0), other=_negative_zero())
+            rstd = _row_sum(by_row(rstd, ROWS), in_row)
+            # Rows past row_end load h = dy = 0 and add nothing to dw and db.
+            d = h - _row_sum(h, in_row) * (1.0 / N)
             g = dy * w if HAS_WEIGHT else dy
-            c1 = tl.sum(xhat * g, axis=0) / N
-            c2 = tl.sum(g, axis=0) / N
+            mean_d = _row_sum(d, in_row) * (1.0 / N)
+            c2 = _row_sum(g, in_row) * (1.0 / N)
+            # mean(xhat * g), with xhat = (d - mean_d) * rstd
+            c1 = (_row_sum(d * g, in_row) * (1.0 / N) - mean_d * c2) * rstd
+            xhat = (d - mean_d) * rstd
             dx = (g - (xhat * c1 + c2)) * rstd
             if HAS_SKIP_GRAD:
-                dx += tl.load(DH_SKIP + row * stride_skip + cols, mask=mask, other=0.0).to(acc_ty)
-            tl.store(DX + row * stride_dx + cols, dx, mask=mask)
-            dw_acc += dy * xhat
-            db_acc += dy
+                dx += by_row(tl.load(DH_SKIP + rows * stride_skip + cols, mask=mask, other=0.0).to(acc_ty), ROWS)
+            tl.store(DX + rows * stride_dx + cols, flat(dx), mask=mask)
+            dw_acc = tl.where(in_row, dw_acc + dy * xhat, dw_acc)
+            db_acc = tl.where(in_row, db_acc + dy, db_acc)
         if NEEDS_WB_GRAD:
-            tl.store(DW_PARTIAL + partial_row + cols, dw_acc, mask=mask)
-            tl.store(DB_PARTIAL + partial_row + cols, db_acc, mask=mask)
+            seg_cols = (tl.arange(0, BLOCK_N // SEG) * SEG)[:, None] + tl.arange(0, SEG)[None, :]
+            tl.store(DW_PARTIAL + partial_row + seg_cols, tl.sum(dw_acc, axis=1), mask=seg_cols < N)
+            tl.store(DB_PARTIAL + partial_row + seg_cols, tl.sum(db_acc, axis=1), mask=seg_cols < N)
     else:
         # Wide rows: the partial buffers start at zero and this program is the only
         # one touching its partial row, so the read-modify-write needs no atomics.
         for row in range(row_start, row_end):
             rstd = tl.load(Rstd + row)
-            shift = tl.load(H + row * stride_h).to(acc_ty)
-            sum_d = tl.zeros([BLOCK_N], dtype=acc_ty)
+            total = tl.zeros([BLOCK_N], dtype=acc_ty)
             for start in range(0, N, BLOCK_N):
                 cols = start + tl.arange(0, BLOCK_N)
-                h = tl.load(H + row * stride_h + cols, mask=cols < N, other=0.0).to(acc_ty)
-                sum_d += tl.where(cols < N, h - shift, 0.0)
-            mean_d = tl.sum(sum_d, axis=0) / N
-            sum_gx = tl.zeros([BLOCK_N], dtype=acc_ty)
+                total += tl.load(H + row * stride_h + cols, mask=cols < N, other=0.0).to(acc_ty)
+            rough_mean = tl.sum(total, axis=0) * (1.0 / N)
+            sum_d = tl.zeros([BLOCK_N], dtype=acc_ty)
+            sum_dg = tl.zeros([BLOCK_N], dtype=acc_ty)
             sum_g = tl.zeros([BLOCK_N], dtype=acc_ty)
             for start in range(0, N, BLOCK_N):
                 cols = start + tl.arange(0, BLOCK_N)
                 mask = cols < N
                 h = tl.load(H + row * stride_h + cols, mask=mask, other=0.0).to(acc_ty)
-                dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(acc_ty)
-                xhat = tl.where(mask, ((h - shift) - mean_d) * rstd, 0.0)
+                g = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(acc_ty)
                 if HAS_WEIGHT:
-                    dy *= tl.load(W + cols, mask=mask, other=0.0).to(acc_ty)
-                sum_gx += xhat * dy
-                sum_g += dy
-            c1 = tl.sum(sum_gx, axis=0) / N
-            c2 = tl.sum(sum_g, axis=0) / N
+                    g *= tl.load(W + cols, mask=mask, other=0.0).to(acc_ty)
+                d = tl.where(mask, h - rough_mean, 0.0)
+                sum_d += d
+                sum_dg += d * g
+                sum_g += g
+            mean_d = tl.sum(sum_d, axis=0) * (1.0 / N)
+            c2 = tl.sum(sum_g, axis=0) * (1.0 / N)
+            c1 = (tl.sum(sum_dg, axis=0) * (1.0 / N) - mean_d * c2) * rstd
             for start in range(0, N, BLOCK_N):
                 cols = start + tl.arange(0, BLOCK_N)
                 mask = cols < N
                 h = tl.load(H + row * stride_h + cols, mask=mask, other=0.0).to(acc_ty)
                 dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(acc_ty)
-                xhat = tl.where(mask, ((h - shift) - mean_d) * rstd, 0.0)
+                xhat = ((h - rough_mean) - mean_d) * rstd
                 g = dy
                 if HAS_WEIGHT:
                     g = dy * tl.load(W + cols, mask=mask, other=0.0).to(acc_ty)
@@ -188,11 +231,29 @@ def layer_norm_bwd_kernel(
                     tl.store(DB_PARTIAL + partial_row + cols, db + dy, mask=mask)
 
 
-def _block(n: int):
+def _vector(itemsize: int, *tensors_and_strides) -> int:
+    """Elements per 16-byte access when every pointer and row stride allows it (as Triton sees them), else 1."""
+    for t, stride in tensors_and_strides:
+        if t is not None and (t.data_ptr() % 16 or stride % 16):
+            return 1
+    return max(16 // itemsize, 1)
+
+
+def _config(n: int, vec: int):
+    """Launch meta-parameters for rows of n elements read vec at a time (see the module docstring)."""
     block = next_power_of_2(n)
-    if block <= MAX_SINGLE_BLOCK:
-        return block, True
-    return STREAM_BLOCK, False
+    if block > MAX_SINGLE_BLOCK:
+        return dict(BLOCK_N=STREAM_BLOCK, SEG=STREAM_BLOCK, ROWS=1, SINGLE_BLOCK=False,
+                    num_warps=warps_for_row(STREAM_BLOCK))
+    if block > WARP_ROW:
+        # One row per program, the whole row one tile row: its warps meet in shared memory
+        # (splitting it into tile rows on several warps reshuffles the tile through shared memory).
+        return dict(BLOCK_N=block, SEG=block, ROWS=1, SINGLE_BLOCK=True, num_warps=warps_for_row(block))
+    # A warp reads 32 * vec adjacent columns. A narrower segment that tiles n exactly leaves no
+    # column masked at run time (384 = 3 x 128: two rows per warp, 24 columns per thread).
+    seg = min(32 * vec, block)
+    seg = next((s for s in (seg, seg // 2, seg // 4) if s >= vec and n % s == 0 and block // s * vec <= 32), seg)
+    return dict(BLOCK_N=block, SEG=seg, ROWS=WARPS * max(32 * vec // seg, 1), SINGLE_BLOCK=True, num_warps=WARPS)
 
 
 def layer_norm_fwd(x, weight, bias, eps, residual=None, out_dtype=None):
@@ -211,15 +272,27 @@ def layer_norm_fwd(x, weight, bias, eps, residual=None, out_dtype=None):
     rstd = new_output(x.shape[:-1], dtype=stats_dtype, device=x.device)
     if M == 0:
         return y, h, mean, rstd
-    block, single = _block(N)
-    layer_norm_fwd_kernel[(M,)](
+    stride_r = rows_of(residual)[1] if residual is not None else 0
+    itemsize = min(t.element_size() for t in (x, residual, y) if t is not None)
+    meta = _config(N, _vector(itemsize, (x, stride_x), (residual, stride_r), (h, N), (y, N), (weight, 0), (bias, 0)))
+    layer_norm_fwd_kernel[(cdiv(M, meta["ROWS"]),)](
         x, residual, h, y, weight, bias, mean, rstd,
-        stride_x, rows_of(residual)[1] if residual is not None else 0, N, N,
-        N, eps,
-        HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        BLOCK_N=block, SINGLE_BLOCK=single, num_warps=warps_for_row(block),
+        stride_x, stride_r, N, N, M, eps, N,
+        HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, **meta,
     )
     return y, h, mean, rstd
+
+
+def _bwd_rows_per_program(M, meta, device):
+    """Rows each backward program reduces into its partial dw/db rows.
+
+    Programs for ~32 resident warps per SM and no more: each adds a row to the partial buffers.
+    """
+    if not meta["SINGLE_BLOCK"]:
+        return cdiv(M, reduction_programs(M, device))
+    rows = meta["ROWS"]
+    target = 32 * multiprocessors(device.index) // meta["num_warps"] if device.type == "cuda" else 4
+    return rows * cdiv(M, rows * max(target, 1))
 
 
 def layer_norm_bwd(dy, h, weight, rstd, skip_grad=None, needs_weight_grad=True):
@@ -236,20 +309,21 @@ def layer_norm_bwd(dy, h, weight, rstd, skip_grad=None, needs_weight_grad=True):
     acc = accumulator_dtype(h.dtype)
     if M == 0:
         return dx, (torch.zeros((2, N), dtype=acc, device=h.device) if needs_weight_grad else None)
-    block, single = _block(N)
-    programs = reduction_programs(M, h.device)
-    rows_per_program = cdiv(M, programs)
+    stride_dy = rows_of(dy)[1]
+    stride_skip = rows_of(skip_grad)[1] if skip_grad is not None else 0
+    itemsize = min(t.element_size() for t in (dy, h, skip_grad) if t is not None)
+    meta = _config(N, _vector(itemsize, (dy, stride_dy), (h, stride_h), (skip_grad, stride_skip), (dx, N),
+                              (weight, 0)))
+    rows_per_program = _bwd_rows_per_program(M, meta, h.device)
     programs = cdiv(M, rows_per_program)
     partial = None
     if needs_weight_grad:
-        alloc = new_output if single else (lambda shape, **kw: torch.zeros(shape, **kw))
+        alloc = new_output if meta["SINGLE_BLOCK"] else (lambda shape, **kw: torch.zeros(shape, **kw))
         partial = alloc((2, programs, N), dtype=acc, device=h.device)
     layer_norm_bwd_kernel[(programs,)](
         dy, h, weight, rstd, skip_grad, dx, partial,
-        rows_of(dy)[1], stride_h, rows_of(skip_grad)[1] if skip_grad is not None else 0, N,
-        M, N, rows_per_program,
-        HAS_SKIP_GRAD=skip_grad is not None, HAS_WEIGHT=weight is not None, NEEDS_WB_GRAD=needs_weight_grad,
-        BLOCK_N=block, SINGLE_BLOCK=single, num_warps=warps_for_row(block),
+        stride_dy, stride_h, stride_skip, N, M, rows_per_program, N,
+        HAS_SKIP_GRAD=skip_grad is not None, HAS_WEIGHT=weight is not None, NEEDS_WB_GRAD=needs_weight_grad, **meta,
     )
     return dx, (partial.sum(1) if needs_weight_grad else None)
 
@@ -258,25 +332,28 @@ def aot_specializations():
     """(kernel, signature, constexprs, options) for each variant the launchers use: see tests/test_aot_compile.py."""
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         p, stats = pointer(dtype), pointer(accumulator_dtype(dtype))
-        for n, residual in ((384, False), (768, True), (4096, False), (10000, True)):
-            block, single = _block(n)
+        for n, residual, vec in ((384, False, 16 // dtype.itemsize), (768, False, 16 // dtype.itemsize),
+                                 (768, True, 16 // dtype.itemsize), (197, True, 1), (4096, False, 16 // dtype.itemsize),
+                                 (10000, True, 1)):
+            meta = _config(n, vec)
+            warps = {"num_warps": meta.pop("num_warps")}
             res_ptr = p if residual else "constexpr"
             signature = {"X": p, "R": res_ptr, "H": res_ptr, "Y": p, "W": p, "B": p, "Mean": stats, "Rstd": stats,
                          "stride_x": "i32", "stride_r": "i32", "stride_h": "i32", "stride_y": "i32",
-                         "N": "i32", "eps": "fp32", "HAS_RESIDUAL": "constexpr", "HAS_WEIGHT": "constexpr",
-                         "HAS_BIAS": "constexpr", "BLOCK_N": "constexpr", "SINGLE_BLOCK": "constexpr"}
-            constexprs = {"HAS_RESIDUAL": residual, "HAS_WEIGHT": True, "HAS_BIAS": True, "BLOCK_N": block,
-                          "SINGLE_BLOCK": single}
+                         "M": "i32", "eps": "fp32", "N": "constexpr", "HAS_RESIDUAL": "constexpr",
+                         "HAS_WEIGHT": "constexpr", "HAS_BIAS": "constexpr", "BLOCK_N": "constexpr", "SEG": "constexpr",
+                         "ROWS": "constexpr", "SINGLE_BLOCK": "constexpr"}
+            constexprs = {"N": n, "HAS_RESIDUAL": residual, "HAS_WEIGHT": True, "HAS_BIAS": True, **meta}
             if not residual:
                 constexprs.update(R=None, H=None)
-            yield layer_norm_fwd_kernel, signature, constexprs, {"num_warps": warps_for_row(block)}
+            yield layer_norm_fwd_kernel, signature, constexprs, warps
             signature = {"DY": p, "H": p, "W": p, "Rstd": stats, "DH_SKIP": res_ptr, "DX": p,
                          "DW_PARTIAL": stats, "stride_dy": "i32", "stride_h": "i32",
-                         "stride_skip": "i32", "stride_dx": "i32", "M": "i32", "N": "i32",
-                         "rows_per_program": "i32", "HAS_SKIP_GRAD": "constexpr", "HAS_WEIGHT": "constexpr",
-                         "NEEDS_WB_GRAD": "constexpr", "BLOCK_N": "constexpr", "SINGLE_BLOCK": "constexpr"}
-            constexprs = {"HAS_SKIP_GRAD": residual, "HAS_WEIGHT": True, "NEEDS_WB_GRAD": True, "BLOCK_N": block,
-                          "SINGLE_BLOCK": single}
+                         "stride_skip": "i32", "stride_dx": "i32", "M": "i32", "rows_per_program": "i32",
+                         "N": "constexpr", "HAS_SKIP_GRAD": "constexpr", "HAS_WEIGHT": "constexpr",
+                         "NEEDS_WB_GRAD": "constexpr", "BLOCK_N": "constexpr", "SEG": "constexpr", "ROWS": "constexpr",
+                         "SINGLE_BLOCK": "constexpr"}
+            constexprs = {"N": n, "HAS_SKIP_GRAD": residual, "HAS_WEIGHT": True, "NEEDS_WB_GRAD": True, **meta}
             if not residual:
                 constexprs["DH_SKIP"] = None
-            yield layer_norm_bwd_kernel, signature, constexprs, {"num_warps": warps_for_row(block)}
+            yield layer_norm_bwd_kernel, signature, constexprs, warps

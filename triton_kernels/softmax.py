@@ -2,7 +2,7 @@
 
 Forward:  y = exp(x - max(x)) / sum(exp(x - max(x)))
 Backward: dx = y * (dy - sum(dy * y))
-Rows up to MAX_SINGLE_BLOCK wide are held in registers, ROWS rows per program (see _row_tile):
+Rows up to MAX_SINGLE_BLOCK wide are held in registers, ROWS rows per program (see _rows.py):
 up to 32 threads share a row and read adjacent columns (a warp's load covers 64 contiguous bytes
 of a 197-wide bf16 row; 16-byte vectors where rows are 16-byte aligned), each thread holds a
 segment of BLOCK_N // SEG columns of one row, and the row's max and sum stay within a warp.
@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from ._launch import cdiv, new_output, next_power_of_2, pointer, rows_of, warps_for_row
+from ._rows import by_row, flat, row_tile
 
 MAX_SINGLE_BLOCK = 16384
 STREAM_BLOCK = 4096
@@ -26,34 +27,6 @@ ROW_ELEMENTS_PER_THREAD = 16  # columns of a row per thread, for rows wider than
 WARP_ROW = 1024  # widest row a single warp holds (32 columns per thread); wider rows span warps
 WARPS = 4  # per program, for rows a warp holds
 LOG2E = tl.constexpr(1.4426950408889634)
-
-
-@triton.jit
-def _row_tile(M, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, SEG: tl.constexpr):
-    """Rows (int64, [T, 1]) and columns ([T, SEG]) of this program's T = BLOCK_N // SEG * ROWS tile rows.
-
-    Tile row k*ROWS + r holds columns k*SEG ... k*SEG + SEG - 1 of row r. Triton lays a 2-D tile
-    with threads along its contiguous columns and warps along tile rows, so the ROWS rows spread
-    over lanes and warps and the BLOCK_N // SEG segments of a row stay in one thread. (A 3-D
-    pointer tensor [segments, rows, columns] is not laid out that way by Triton 3.6: it put warps
-    along the segments, and the kernel ran 4 to 15 times slower on an H200.)
-    Rows past M repeat row M - 1: they load and store the same values as it, so no row mask is needed.
-    """
-    t = tl.arange(0, BLOCK_N // SEG * ROWS)
-    rows = tl.minimum(tl.program_id(0) * ROWS + t % ROWS, M - 1).to(tl.int64)
-    cols = (t // ROWS * SEG)[:, None] + tl.arange(0, SEG)[None, :]
-    return rows[:, None], cols
-
-
-@triton.jit
-def _by_row(x, ROWS: tl.constexpr):
-    """The tile as [segments, rows, columns] (same registers): reductions over axes 0 and 2 are per row."""
-    return tl.reshape(x, [x.shape[0] // ROWS, ROWS, x.shape[1]])
-
-
-@triton.jit
-def _flat(x):
-    return tl.reshape(x, [x.shape[0] * x.shape[1], x.shape[2]])
 
 
 @triton.jit
@@ -79,12 +52,13 @@ def softmax_fwd_kernel(X, Y, stride_x, stride_y, M, N: tl.constexpr, BLOCK_N: tl
                        SINGLE_BLOCK: tl.constexpr, SEG: tl.constexpr):
     acc_ty = tl.float64 if X.dtype.element_ty == tl.float64 else tl.float32
     if SINGLE_BLOCK:
-        rows, cols = _row_tile(M, ROWS, BLOCK_N, SEG)
+        rows, cols = row_tile(tl.program_id(0) * ROWS, ROWS, BLOCK_N, SEG)
+        rows = tl.minimum(rows, M - 1).to(tl.int64)  # rows past M repeat row M - 1: no row mask needed
         mask = cols < N
-        x = _by_row(tl.load(X + rows * stride_x + cols, mask=mask, other=-float("inf")).to(acc_ty), ROWS)
+        x = by_row(tl.load(X + rows * stride_x + cols, mask=mask, other=-float("inf")).to(acc_ty), ROWS)
         # where(): padded columns give 0 without an exp (and segments past N vanish at compile time).
-        e = tl.where(_by_row(mask, ROWS), _exp_minus(x, _row_max(x)), 0.0)
-        tl.store(Y + rows * stride_y + cols, _flat(e * (1.0 / _row_sum(e))), mask=mask)
+        e = tl.where(by_row(mask, ROWS), _exp_minus(x, _row_max(x)), 0.0)
+        tl.store(Y + rows * stride_y + cols, flat(e * (1.0 / _row_sum(e))), mask=mask)
     else:
         row = tl.program_id(0).to(tl.int64)
         X += row * stride_x
@@ -113,11 +87,12 @@ def softmax_bwd_kernel(DY, Y, DX, stride_dy, stride_y, stride_dx, M, N: tl.const
                        ROWS: tl.constexpr, SINGLE_BLOCK: tl.constexpr, SEG: tl.constexpr):
     acc_ty = tl.float64 if Y.dtype.element_ty == tl.float64 else tl.float32
     if SINGLE_BLOCK:
-        rows, cols = _row_tile(M, ROWS, BLOCK_N, SEG)
+        rows, cols = row_tile(tl.program_id(0) * ROWS, ROWS, BLOCK_N, SEG)
+        rows = tl.minimum(rows, M - 1).to(tl.int64)  # rows past M repeat row M - 1: no row mask needed
         mask = cols < N
-        y = _by_row(tl.load(Y + rows * stride_y + cols, mask=mask, other=0.0).to(acc_ty), ROWS)
-        dy = _by_row(tl.load(DY + rows * stride_dy + cols, mask=mask, other=0.0).to(acc_ty), ROWS)
-        tl.store(DX + rows * stride_dx + cols, _flat(y * (dy - _row_sum(y * dy))), mask=mask)
+        y = by_row(tl.load(Y + rows * stride_y + cols, mask=mask, other=0.0).to(acc_ty), ROWS)
+        dy = by_row(tl.load(DY + rows * stride_dy + cols, mask=mask, other=0.0).to(acc_ty), ROWS)
+        tl.store(DX + rows * stride_dx + cols, flat(y * (dy - _row_sum(y * dy))), mask=mask)
     else:
         row = tl.program_id(0).to(tl.int64)
         Y += row * stride_y
