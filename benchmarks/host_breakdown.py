@@ -105,10 +105,9 @@ def backward_thread_layers(device, dtype) -> Dict[str, Callable[[], object]]:
     from fastvision.triton_kernels._launch import cdiv
     x = torch.randn(8, 197, device=device, dtype=dtype, requires_grad=True)
     y, dx = torch.softmax(x.detach(), -1), torch.empty_like(x.detach())
-    block = kernels._block(197)[0]
-    rows, warps = kernels._tile(block, True)
     args = (y, y, dx, y.stride(0), y.stride(0), dx.stride(0), 8, 197)
-    meta = dict(BLOCK_N=block, ROWS=rows, SINGLE_BLOCK=True, num_warps=warps)
+    meta, rows = kernels._config(197, y.element_size(), (y, y.stride(0)), (dx, dx.stride(0)))
+    constexprs = [meta[name] for name in ("BLOCK_N", "ROWS", "SINGLE_BLOCK", "SEG")]
     grid = (cdiv(8, rows),)
     compiled = kernels.softmax_bwd_kernel[grid](*args, **meta)
     runner = compiled[grid + (1, 1)] if compiled is not None else (lambda *a: None)  # None on the interpreter
@@ -116,7 +115,7 @@ def backward_thread_layers(device, dtype) -> Dict[str, Callable[[], object]]:
         "nothing": lambda dy: None,
         "torch.empty_like": lambda dy: torch.empty_like(dy),
         "jit launch": lambda dy: kernels.softmax_bwd_kernel[grid](*args, **meta),
-        "compiled-kernel launch": lambda dy: runner(*args, block, rows, True),
+        "compiled-kernel launch": lambda dy: runner(*args, *constexprs),
         "launcher softmax_bwd": lambda dy: kernels.softmax_bwd(y, y),
         "call softmax_backward": lambda dy: call("softmax_backward", y, y),
     }
