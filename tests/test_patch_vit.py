@@ -257,3 +257,14 @@ def test_dino_student_and_teacher_patched_identically_keep_ema_working():
             p_t.mul_(0.996).add_(student_params[name].detach(), alpha=0.004)
     for x in (torch.randn(2, 3, 32, 32), torch.randn(3, 3, 16, 16)):  # global and local crops
         assert_close(teacher(x), student(x), torch.float32)
+
+
+def test_verify_check_passes_within_eager_error_and_tolerates_noise_only_where_eager_misses():
+    from fastvision.verify import Check
+
+    def passed(patched, eager, tol=1e-5):
+        return Check("x", "grad", patched, eager, tol).passed
+
+    assert passed(9e-6, 1e-7) and not passed(2e-5, 1e-7)      # within tolerance, or not
+    assert passed(1.5e-5, 8e-6) and not passed(1.7e-5, 8e-6)  # eager near the tolerance: 2x eager
+    assert passed(2.5e8, 1e8) and not passed(1.1e9, 1e8)      # a zero-in-exact-arithmetic gradient: 10x eager
