@@ -34,7 +34,7 @@ NEW_TESTS="${NEW_TESTS:-tests/test_cuda_graphs.py tests/test_dino_cuda_graph.py 
 GPU_TEST_SECONDS="${GPU_TEST_SECONDS:-150}"
 MICRO_SECONDS="${MICRO_SECONDS:-120}"
 MODELS_SECONDS="${MODELS_SECONDS:-170}"
-DINO_ARGS="${DINO_ARGS:---batch 64 --variants eager,eager+graph,fastvision+packing,fastvision+packing+graph,fastvision+graph,compile,compile+graph}"
+DINO_ARGS="${DINO_ARGS:---batch 64 --variants eager,fastvision+packing,eager+graph,fastvision+packing+graph,fastvision+graph,compile,compile+graph}"
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 export FASTVISION_COMMIT="${FASTVISION_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
 
