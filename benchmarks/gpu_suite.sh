@@ -18,6 +18,8 @@
 #   GPU_TESTS         test paths in the order to run them (default: tests)
 #   MICRO_SECONDS     --max-seconds of the micro benchmark (default 120)
 #   MODELS_SECONDS    --max-seconds of the model benchmark (default 170)
+#   MODELS_VARIANTS   its variants (default eager,patch,eager+graph,patch+graph,compile,patch+compile: the
+#                     CUDA-graph ones show device time without the host's launch cost)
 #   DINO_ARGS         arguments of the DINO step benchmark (default: batch 64; eager, fastvision+packing and
 #                     compile, each without and with the CUDA-graph step, and fastvision+graph)
 #   PYTHON            interpreter (default: python3, else python)
@@ -34,6 +36,7 @@ NEW_TESTS="${NEW_TESTS:-tests/test_cuda_graphs.py tests/test_dino_cuda_graph.py 
 GPU_TEST_SECONDS="${GPU_TEST_SECONDS:-150}"
 MICRO_SECONDS="${MICRO_SECONDS:-120}"
 MODELS_SECONDS="${MODELS_SECONDS:-170}"
+MODELS_VARIANTS="${MODELS_VARIANTS:-eager,patch,eager+graph,patch+graph,compile,patch+compile}"
 DINO_ARGS="${DINO_ARGS:---batch 64 --variants eager,fastvision+packing,eager+graph,fastvision+packing+graph,fastvision+graph,compile,compile+graph}"
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 export FASTVISION_COMMIT="${FASTVISION_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
@@ -130,7 +133,8 @@ fi
 
 if wants models; then
   run_step models $(( MODELS_SECONDS + 60 )) "$OUT/bench.log" \
-    "$PY" -m benchmarks.models --quick --out "$OUT/models" --max-seconds "$MODELS_SECONDS"
+    "$PY" -m benchmarks.models --quick --out "$OUT/models" --max-seconds "$MODELS_SECONDS" \
+    --variants "$MODELS_VARIANTS"
 fi
 
 
