@@ -77,7 +77,7 @@ def _fill_defaults(args: argparse.Namespace) -> None:
             "vit_tiny_patch16_224", 256, 32, 16, 2)
         args.batch, args.steps, args.warmup, args.no_amp = args.batch or 2, args.steps or 1, args.warmup or 0, True
         if args.variants == ",".join(VARIANTS):
-            args.variants = "eager,fastvision,fastvision+packing"
+            args.variants = "eager,fastvision,fastvision+packing,eager+graph"  # +graph: declines on the CPU
     args.batch = args.batch or (32 if args.quick else 64)
     args.steps = args.steps or (6 if args.quick else 20)
     args.warmup = args.warmup if args.warmup is not None else (2 if args.quick else 5)

@@ -254,3 +254,4 @@ def test_benchmark_smoke_runs_on_cpu(tmp_path):
         assert variants[name]["images_per_s"] > 0 and variants[name]["time_to_first_step_s"] > 0
     assert variants["fastvision"]["first_loss_rel_err_vs_eager"] <= 1e-5
     assert variants["fastvision"]["patched"].get("vit.block") == 1
+    assert "CUDA" in variants["eager+graph"]["cuda_graph"] and variants["eager+graph"]["images_per_s"] > 0
