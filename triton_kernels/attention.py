@@ -4,7 +4,8 @@ Forward, per (batch, head) and block of BLOCK_M query rows, streaming over key b
     s = q kᵀ · scale (+ bias),  m = running max,  l = running Σ exp(s - m),
     acc = Σ exp(s - m) v  →  o = acc / l,  lse = m + log l   (no N×N matrix in memory)
 Scores are kept in base 2 (scale · log2 e) so the exponentials are exp2. Every loop runs its full
-blocks unmasked, then the ragged end in masked TAIL_BLOCK-wide blocks.
+blocks unmasked, then the ragged end masked: one more full block when it fills more than half of
+one, else TAIL_BLOCK-wide blocks.
 With N_ROWS > 0 the first block also writes softmax(s) of its first N_ROWS query rows
 (DINO's CLS attention maps) in a second sweep that reuses the final lse.
 
@@ -28,8 +29,8 @@ import triton.language as tl
 from ._launch import accumulator_dtype, cdiv, new_output, next_power_of_2, pointer
 
 LOG2E = tl.constexpr(1.4426950408889634)
-# The ragged end of a sequence (N mod block) runs in blocks of 16 instead of one full masked block:
-# at N = 197 with 64-wide blocks, 208 keys of work per query instead of 256.
+# A short ragged end of a sequence (N mod block, at most half a block) runs in blocks of 16 instead of
+# one full masked block: at N = 197 with 64-wide blocks, 208 keys of work per query instead of 256.
 TAIL_BLOCK = tl.constexpr(16)
 
 
@@ -152,10 +153,15 @@ def attention_fwd_kernel(
         acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_base, v_base, bias_base, start_n, offs_m, offs_d,
                                    stride_kn, stride_vn, stride_bm, stride_bn, N, scale_log2, bias_mult,
                                    HEAD_DIM, D_PAD, BLOCK_N, HAS_BIAS, False, PRECISION)
-    for start_n in range(full_end, kv_len, TAIL_BLOCK):
-        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_base, v_base, bias_base, start_n, offs_m, offs_d,
+    if kv_len - full_end > BLOCK_N // 2:
+        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_base, v_base, bias_base, full_end, offs_m, offs_d,
                                    stride_kn, stride_vn, stride_bm, stride_bn, N, scale_log2, bias_mult,
-                                   HEAD_DIM, D_PAD, TAIL_BLOCK, HAS_BIAS, True, PRECISION)
+                                   HEAD_DIM, D_PAD, BLOCK_N, HAS_BIAS, True, PRECISION)
+    else:
+        for start_n in range(full_end, kv_len, TAIL_BLOCK):
+            acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_base, v_base, bias_base, start_n, offs_m, offs_d,
+                                       stride_kn, stride_vn, stride_bm, stride_bn, N, scale_log2, bias_mult,
+                                       HEAD_DIM, D_PAD, TAIL_BLOCK, HAS_BIAS, True, PRECISION)
 
     # A fully masked row gives 0/0 = NaN and lse = -inf, as softmax over all -inf does.
     lse2 = tl.where(m_i == -float("inf"), 0.0, m_i) + tl.log2(l_i)
@@ -261,10 +267,15 @@ def attention_bwd_dkdv_kernel(
         dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, bias_base, lse_base, delta_base, start_m, offs_n,
                              offs_d, stride_qn, stride_dn, stride_bm, stride_bn, N, scale_log2, bias_mult,
                              HEAD_DIM, D_PAD, BLOCK_M, HAS_BIAS, False, PRECISION)
-    for start_m in range(full_end, q_len, TAIL_BLOCK):
-        dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, bias_base, lse_base, delta_base, start_m, offs_n,
+    if q_len - full_end > BLOCK_M // 2:
+        dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, bias_base, lse_base, delta_base, full_end, offs_n,
                              offs_d, stride_qn, stride_dn, stride_bm, stride_bn, N, scale_log2, bias_mult,
-                             HEAD_DIM, D_PAD, TAIL_BLOCK, HAS_BIAS, True, PRECISION)
+                             HEAD_DIM, D_PAD, BLOCK_M, HAS_BIAS, True, PRECISION)
+    else:
+        for start_m in range(full_end, q_len, TAIL_BLOCK):
+            dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, bias_base, lse_base, delta_base, start_m, offs_n,
+                                 offs_d, stride_qn, stride_dn, stride_bm, stride_bn, N, scale_log2, bias_mult,
+                                 HEAD_DIM, D_PAD, TAIL_BLOCK, HAS_BIAS, True, PRECISION)
 
     _store_rows(_head_rows(DK, b, h, start, stride_dkb, stride_dkh, stride_dkn), offs_n, offs_d, stride_dkn,
                 dk * scale, N, HEAD_DIM)
@@ -323,10 +334,15 @@ def attention_bwd_dq_kernel(
         dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, bias_base, start_n, offs_m, offs_d,
                        stride_kn, stride_vn, stride_bm, stride_bn, N, scale_log2, bias_mult,
                        HEAD_DIM, D_PAD, BLOCK_N, HAS_BIAS, False, PRECISION)
-    for start_n in range(full_end, kv_len, TAIL_BLOCK):
-        dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, bias_base, start_n, offs_m, offs_d,
+    if kv_len - full_end > BLOCK_N // 2:
+        dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, bias_base, full_end, offs_m, offs_d,
                        stride_kn, stride_vn, stride_bm, stride_bn, N, scale_log2, bias_mult,
-                       HEAD_DIM, D_PAD, TAIL_BLOCK, HAS_BIAS, True, PRECISION)
+                       HEAD_DIM, D_PAD, BLOCK_N, HAS_BIAS, True, PRECISION)
+    else:
+        for start_n in range(full_end, kv_len, TAIL_BLOCK):
+            dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, bias_base, start_n, offs_m, offs_d,
+                           stride_kn, stride_vn, stride_bm, stride_bn, N, scale_log2, bias_mult,
+                           HEAD_DIM, D_PAD, TAIL_BLOCK, HAS_BIAS, True, PRECISION)
 
     _store_rows(_head_rows(DQ, b, h, start, stride_dqb, stride_dqh, stride_dqn), offs_m, offs_d, stride_dqn,
                 dq * scale, N, HEAD_DIM)
