@@ -420,7 +420,7 @@ class GraphedForwardBackward:
         crops = list(crops)
         key = (tuple((c.shape, c.dtype, c.device) for c in crops), step.loss_fn.teacher_temp(epoch))
         if key != self._key:
-            self._key, self._call = key, None  # a new layout or temperature: warm up and capture again
+            self._key = key  # a new layout or temperature: warm up and capture again
             self._inputs = [torch.empty_like(c) for c in crops]
             self._call = CapturedCall(lambda: self._forward_backward(step, epoch), warmup_steps=self.warmup_steps,
                                       grad_params=step.student.parameters())
