@@ -19,6 +19,10 @@ import torch
 from torch import nn
 
 
+class CaptureError(RuntimeError):
+    """Recording the CUDA graph failed (an operation that cannot be captured, a host sync, ...)."""
+
+
 def on_side_stream(fn: Callable):
     """fn() on a fresh stream that waits for the current one, which then waits for it (warm-up before a capture)."""
     side = torch.cuda.Stream()
@@ -34,7 +38,7 @@ class CapturedCall:
     torch.compile), then captured into a CUDA graph and replayed on every later call.
 
     Returns fn's output; after the capture that is the graph's own output, overwritten by the next
-    replay (clone what you keep). ``grad_params``: parameters whose gradients fn computes
+    replay (clone what you keep). A capture that fails raises CaptureError (later calls try again). ``grad_params``: parameters whose gradients fn computes
     (fn sets them to None first, e.g. with ``optimizer.zero_grad(set_to_none=True)``); the graph owns
     those gradient tensors, and they are attached to ``.grad`` again after each replay, so code that
     drops a gradient between steps (a frozen layer, ``zero_grad``) does not detach it for good.
@@ -70,10 +74,13 @@ class CapturedCall:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()  # the warm-up's cached blocks, so the graph's own pool can have that memory
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._out = self.fn()
+        try:
+            with torch.cuda.graph(graph):
+                self._out = self.fn()
+        except Exception as exc:
+            raise CaptureError(f"CUDA graph capture failed: {type(exc).__name__}: {exc}") from exc
         self._graph = graph
         self._grads = [(p, p.grad) for p in self._params if p.grad is not None]
 
 
-__all__ = ["CapturedCall", "on_side_stream"]
+__all__ = ["CaptureError", "CapturedCall", "on_side_stream"]

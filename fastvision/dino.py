@@ -14,6 +14,7 @@ import contextlib
 import copy
 import itertools
 import math
+import warnings
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -21,7 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from fastvision.cuda_graphs import CapturedCall
+from fastvision.cuda_graphs import CaptureError, CapturedCall
 
 Crops = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -439,7 +440,8 @@ class DINOStep:
 
     ``cuda_graph=True`` replays the forward, loss, backward and clipping from a CUDA graph
     (GraphedForwardBackward) where ``why_not_graphed`` allows it, and runs the eager step otherwise;
-    ``graphed`` says which ran last.
+    ``graphed`` says which ran last. A capture that fails (an operation CUDA graphs cannot record)
+    warns once and leaves the step eager, with the error in ``why_not_graphed``.
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, loss_fn: DINOLoss,
@@ -452,20 +454,26 @@ class DINOStep:
         self.autocast_dtype = autocast_dtype
         self.graph = GraphedForwardBackward(graph_warmup_steps) if cuda_graph else None
         self.graphed = False
+        self.capture_error: Optional[str] = None  # set when a capture failed: the step stays eager
 
     def why_not_graphed(self, crops: Sequence[torch.Tensor]) -> Optional[str]:
         if self.graph is None:
             return "cuda_graph=False"
-        return why_not_graphed(self.student, list(crops))
+        return self.capture_error or why_not_graphed(self.student, list(crops))
 
     def __call__(self, crops: Sequence[torch.Tensor], epoch: int, teacher_momentum: float) -> torch.Tensor:
         crops = list(crops)
-        self.graphed = self.graph is not None and why_not_graphed(self.student, crops) is None
+        self.graphed = self.graph is not None and self.why_not_graphed(crops) is None
+        if self.graphed:
+            try:
+                loss = self.graph(self, crops, epoch)
+            except CaptureError as exc:
+                self.capture_error, self.graphed = str(exc), False
+                warnings.warn(f"DINOStep(cuda_graph=True) runs eagerly from now on: {exc}", RuntimeWarning)
         if not self.graphed:
             return dino_train_step(self.student, self.teacher, self.loss_fn, self.optimizer, crops, epoch,
                                    teacher_momentum, clip_grad=self.clip_grad,
                                    freeze_last_layer=self.freeze_last_layer, autocast_dtype=self.autocast_dtype)
-        loss = self.graph(self, crops, epoch)
         apply_update(self.student, self.teacher, self.optimizer, epoch, teacher_momentum,
                      freeze_last_layer=self.freeze_last_layer)
         return loss

@@ -106,3 +106,27 @@ def test_graphed_step_inside_caller_autocast_runs_eagerly():
         assert "autocast" in step.why_not_graphed(crops)
         step(crops, 1, 0.99)
     assert not step.graphed
+
+
+def test_failed_capture_warns_once_and_leaves_the_step_eager(monkeypatch):
+    from fastvision.cuda_graphs import CaptureError
+
+    calls = []
+
+    def failing_capture(self, step, crops, epoch):
+        calls.append(epoch)
+        raise CaptureError("CUDA graph capture failed: RuntimeError: operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(dino, "why_not_graphed", lambda student, crops: None)  # as if on a GPU
+    monkeypatch.setattr(dino.GraphedForwardBackward, "__call__", failing_capture)
+    student, teacher = tiny_dino()
+    crops = crops_for(2)
+    step = make_step(student, teacher, len(crops), cuda_graph=True)
+    with pytest.warns(RuntimeWarning, match="runs eagerly from now on: CUDA graph capture failed"):
+        out = run_steps(step, [(0, crops)])
+    out = run_steps(step, [(1, crops)])  # no second attempt, no second warning
+    assert calls == [0] and not step.graphed and "not permitted" in step.why_not_graphed(crops)
+    ref_step = make_step(*tiny_dino(), len(crops))
+    ref = run_steps(ref_step, [(0, crops)]), run_steps(ref_step, [(1, crops)])
+    for got, want in zip(out, ref[1]):
+        assert torch.equal(got, want)
