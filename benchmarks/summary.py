@@ -1,8 +1,10 @@
-"""Short summary of a suite's JSON results: `python -m benchmarks.summary OUTDIR`.
+"""Short summary of a suite's JSON results: `python -m benchmarks.summary OUTDIR [--compare OLD_MICRO_JSON]`.
 
 Per micro op and mode: cases, how many passed the correctness guard, the range and median of
 fastvision's speedup over the best baseline and of its fraction of the ceiling. Per model run: img/s and
-speedup over eager. Short enough to read in the last lines of a log.
+speedup over eager. Short enough to read in the last lines of a log. ``--compare`` adds, per micro
+case both runs timed, fastvision's time (plain and CUDA-graph) in the old run and this one: what a
+kernel change did, measured on the same kind of device.
 """
 import json
 import os
@@ -50,10 +52,40 @@ def micro_rows(payload) -> List[Dict[str, object]]:
     return rows
 
 
+def _case_key(record) -> tuple:
+    return record["op"], record["mode"], json.dumps(record["params"], sort_keys=True)
+
+
+def compare_rows(old_payload, payload) -> List[Dict[str, object]]:
+    """fastvision's ms and CUDA-graph ms per case in both runs, and new / old."""
+    old = {_case_key(r): r["timings"].get("fastvision", {}) for r in old_payload["results"]}
+    rows = []
+    for r in payload["results"]:
+        before, after = old.get(_case_key(r), {}), r["timings"].get("fastvision", {})
+        if before.get("status") != "ok" or after.get("status") != "ok":
+            continue
+        row = {"op": r["op"], "mode": r["mode"], "shape": r["params"].get("shape", r["params"].get("N")),
+               "old ms": before["ms"], "new ms": after["ms"], "new/old": after["ms"] / before["ms"]}
+        if before.get("graph_ms") and after.get("graph_ms"):
+            row.update({"old graph ms": before["graph_ms"], "new graph ms": after["graph_ms"],
+                        "graph new/old": after["graph_ms"] / before["graph_ms"]})
+        rows.append(row)
+    return rows
+
+
 def main(argv=None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = list(sys.argv[1:] if argv is None else argv)
+    compare = None
+    if "--compare" in argv:
+        i = argv.index("--compare")
+        compare = _load(argv[i + 1]) if i + 1 < len(argv) else None
+        del argv[i:i + 2]
     out = argv[0] if argv else "."
     micro = _load(os.path.join(out, "micro", "micro.json"))
+    if micro and compare:
+        common.print_table(compare_rows(compare, micro), ["op", "mode", "shape", "old ms", "new ms", "new/old",
+                                                          "old graph ms", "new graph ms", "graph new/old"],
+                           title="fastvision time per case, the --compare run against this one")
     if micro:
         c = micro["ceilings"]
         print(f"micro ({micro['env'].get('device_name')}): copy {c['copy_gbps']:.0f} GB/s, "

@@ -219,3 +219,15 @@ def test_dino_step_variant_names():
     for bad in ("eager+packing", "compile+compile-all", "fastvision+graph+graph", "fast", "fastvision+fused"):
         with pytest.raises(ValueError, match="unknown variant"):
             parse(bad)
+
+
+def test_summary_compares_two_micro_runs(micro_run):
+    out, _ = micro_run
+    data = json.loads((out / "micro.json").read_text())
+    slower = json.loads(json.dumps(data))
+    for r in slower["results"]:
+        if r["timings"].get("fastvision", {}).get("status") == "ok":
+            r["timings"]["fastvision"]["ms"] *= 2
+    rows = summary.compare_rows(slower, data)
+    assert rows and all(abs(row["new/old"] - 0.5) < 1e-9 for row in rows)
+    assert {row["op"] for row in rows} <= set(micro.OPS)
