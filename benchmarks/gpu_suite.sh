@@ -10,10 +10,11 @@
 # not stop the next.
 #
 # Environment:
-#   SUITE_STEPS       comma-separated steps to run (default env,build,new-tests,hooks,conv-tests,host,micro,models,
-#                     tests,verify), e.g. SUITE_STEPS=env,build,new-tests,hooks then SUITE_STEPS=build,micro,models
-#   NEW_TESTS         test files of the new-tests step: code not yet tested on a GPU (default: the CUDA-graph
-#                     DINO step, softmax, GELU, LayerNorm)
+#   SUITE_STEPS       comma-separated steps to run, in this order (default env,build,new-tests,dino,micro,conv-tests,
+#                     host,resnet,models,tests,verify), e.g. SUITE_STEPS=env,build,new-tests,dino,micro
+#   NEW_TESTS         test files of the new-tests step: code not yet run on a GPU that the benchmarks after it
+#                     rely on (default: CapturedCall and the CUDA-graph DINO step; the kernels' correctness is
+#                     checked by micro on every case it times, their full GPU tests are the tests step)
 #   GPU_TEST_SECONDS  time limit of the GPU test run (default 150)
 #   GPU_TESTS         test paths in the order to run them (default: tests)
 #   MICRO_SECONDS     --max-seconds of the micro benchmark (default 120)
@@ -31,8 +32,8 @@ OUT="$(cd "$OUT" && pwd)"
 cd "$(dirname "$0")/.."
 
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
-STEPS=",${SUITE_STEPS:-env,build,new-tests,hooks,conv-tests,host,micro,models,tests,verify},"
-NEW_TESTS="${NEW_TESTS:-tests/test_cuda_graphs.py tests/test_dino_cuda_graph.py tests/test_softmax.py tests/test_gelu.py tests/test_layer_norm.py}"
+STEPS=",${SUITE_STEPS:-env,build,new-tests,dino,micro,conv-tests,host,resnet,models,tests,verify},"
+NEW_TESTS="${NEW_TESTS:-tests/test_cuda_graphs.py tests/test_dino_cuda_graph.py}"
 GPU_TEST_SECONDS="${GPU_TEST_SECONDS:-150}"
 MICRO_SECONDS="${MICRO_SECONDS:-120}"
 MODELS_SECONDS="${MODELS_SECONDS:-170}"
@@ -103,16 +104,20 @@ fi
 
 if wants new-tests; then  # what changed since the last GPU run, before the benchmarks that rely on it
   # shellcheck disable=SC2086
-  run_step new-tests 150 "$OUT/gpu_tests.log" "$PY" -m pytest $NEW_TESTS -m gpu -q -p no:cacheprovider \
+  run_step new-tests 90 "$OUT/gpu_tests.log" "$PY" -m pytest $NEW_TESTS -m gpu -q -p no:cacheprovider \
     -o faulthandler_timeout=60
   tail -1 "$OUT/gpu_tests.log" | sed 's/^/   new-tests: /'
 fi
 
-if wants hooks; then  # the DINO step (issue 7's configuration) and ResNet-50
+if wants dino; then  # the DINO step, issue 7's configuration
   # shellcheck disable=SC2086
   run_step dino_step 220 "$OUT/bench.log" "$PY" -m benchmarks.dino_step --quick ${DINO_ARGS} --max-seconds 150 \
     --out "$OUT/dino_step.json"
-  run_step resnet_bench 120 "$OUT/bench.log" "$PY" -m benchmarks.resnet_bench --quick --out "$OUT/resnet.json"
+fi
+
+if wants micro; then
+  run_step micro $(( MICRO_SECONDS + 90 )) "$OUT/bench.log" \
+    "$PY" -m benchmarks.micro --quick --out "$OUT/micro" --max-seconds "$MICRO_SECONDS"
 fi
 
 if wants conv-tests; then  # the CUDA conv/BN kernels and patched ResNets: a short run of their own
@@ -126,9 +131,9 @@ if wants host; then  # host time per fused call vs eager (what limited the patch
   run_step host-layers 90 "$OUT/bench.log" "$PY" -m benchmarks.host_breakdown --out "$OUT/host_breakdown.json"
 fi
 
-if wants micro; then
-  run_step micro $(( MICRO_SECONDS + 90 )) "$OUT/bench.log" \
-    "$PY" -m benchmarks.micro --quick --out "$OUT/micro" --max-seconds "$MICRO_SECONDS"
+
+if wants resnet; then  # ResNet-50 inference and conv_bn_act layers
+  run_step resnet_bench 120 "$OUT/bench.log" "$PY" -m benchmarks.resnet_bench --quick --out "$OUT/resnet.json"
 fi
 
 if wants models; then
