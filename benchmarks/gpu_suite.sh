@@ -18,6 +18,7 @@
 #   GPU_TEST_SECONDS  time limit of the GPU test run (default 150)
 #   GPU_TESTS         test paths in the order to run them (default: tests)
 #   MICRO_SECONDS     --max-seconds of the micro benchmark (default 120)
+#   MICRO_ARGS        its other arguments (default --quick), e.g. "--quick --compile none --ops layer_norm,softmax"
 #   MODELS_SECONDS    --max-seconds of the model benchmark (default 170)
 #   MODELS_VARIANTS   its variants (default eager,patch,eager+graph,patch+graph,compile,patch+compile: the
 #                     CUDA-graph ones show device time without the host's launch cost)
@@ -36,6 +37,7 @@ STEPS=",${SUITE_STEPS:-env,build,new-tests,dino,micro,conv-tests,host,resnet,mod
 NEW_TESTS="${NEW_TESTS:-tests/test_cuda_graphs.py tests/test_dino_cuda_graph.py}"
 GPU_TEST_SECONDS="${GPU_TEST_SECONDS:-150}"
 MICRO_SECONDS="${MICRO_SECONDS:-120}"
+MICRO_ARGS="${MICRO_ARGS:---quick}"
 MODELS_SECONDS="${MODELS_SECONDS:-170}"
 MODELS_VARIANTS="${MODELS_VARIANTS:-eager,patch,eager+graph,patch+graph,compile,patch+compile}"
 DINO_ARGS="${DINO_ARGS:---batch 64 --variants eager,fastvision+packing,eager+graph,fastvision+packing+graph,fastvision+graph,compile,compile+graph}"
@@ -116,8 +118,9 @@ if wants dino; then  # the DINO step, issue 7's configuration
 fi
 
 if wants micro; then
+  # shellcheck disable=SC2086
   run_step micro $(( MICRO_SECONDS + 90 )) "$OUT/bench.log" \
-    "$PY" -m benchmarks.micro --quick --out "$OUT/micro" --max-seconds "$MICRO_SECONDS"
+    "$PY" -m benchmarks.micro ${MICRO_ARGS} --out "$OUT/micro" --max-seconds "$MICRO_SECONDS"
 fi
 
 if wants conv-tests; then  # the CUDA conv/BN kernels and patched ResNets: a short run of their own
