@@ -5,13 +5,13 @@
 #
 # Files (at most 8, what the device tool returns): env.txt, build.log, gpu_tests.log, bench.log,
 # micro/micro.json, micro/micro.png, models/models.json, and suite.json, which holds the other
-# benchmarks' JSON (host_overhead, host_breakdown, resnet, dino_step, verify) under their names.
+# benchmarks' JSON (host_overhead, host_breakdown, resnet, dino_step, dino_step_s8, verify) under their names.
 # Steps run in the order below (most informative first), each under `timeout`; a failing step does
 # not stop the next.
 #
 # Environment:
-#   SUITE_STEPS       comma-separated steps to run, in this order (default env,build,new-tests,dino,micro,conv-tests,
-#                     host,resnet,models,tests,verify), e.g. SUITE_STEPS=env,build,new-tests,dino,micro
+#   SUITE_STEPS       comma-separated steps to run, in this order (default env,build,new-tests,dino,micro,dino-s8,
+#                     conv-tests,host,resnet,models,tests,verify), e.g. SUITE_STEPS=env,build,new-tests,dino,micro
 #   NEW_TESTS         test files of the new-tests step: code not yet run on a GPU that the benchmarks after it
 #                     rely on (default: CapturedCall and the CUDA-graph DINO step; the kernels' correctness is
 #                     checked by micro on every case it times, their full GPU tests are the tests step)
@@ -24,6 +24,8 @@
 #                     CUDA-graph ones show device time without the host's launch cost)
 #   DINO_ARGS         arguments of the DINO step benchmark (default: batch 64; eager, fastvision+packing and
 #                     compile, each without and with the CUDA-graph step, and fastvision+graph)
+#   DINO_S8_ARGS      the same for ViT-S/8 (default: batch 64; eager, fastvision+packing with and without the
+#                     CUDA-graph step, compile)
 #   PYTHON            interpreter (default: python3, else python)
 set -u
 
@@ -33,7 +35,7 @@ OUT="$(cd "$OUT" && pwd)"
 cd "$(dirname "$0")/.."
 
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
-STEPS=",${SUITE_STEPS:-env,build,new-tests,dino,micro,conv-tests,host,resnet,models,tests,verify},"
+STEPS=",${SUITE_STEPS:-env,build,new-tests,dino,micro,dino-s8,conv-tests,host,resnet,models,tests,verify},"
 NEW_TESTS="${NEW_TESTS:-tests/test_cuda_graphs.py tests/test_dino_cuda_graph.py}"
 GPU_TEST_SECONDS="${GPU_TEST_SECONDS:-150}"
 MICRO_SECONDS="${MICRO_SECONDS:-120}"
@@ -41,6 +43,7 @@ MICRO_ARGS="${MICRO_ARGS:---quick}"
 MODELS_SECONDS="${MODELS_SECONDS:-170}"
 MODELS_VARIANTS="${MODELS_VARIANTS:-eager,patch,eager+graph,patch+graph,compile,patch+compile}"
 DINO_ARGS="${DINO_ARGS:---batch 64 --variants eager,fastvision+packing,eager+graph,fastvision+packing+graph,fastvision+graph,compile,compile+graph}"
+DINO_S8_ARGS="${DINO_S8_ARGS:---arch vit_small_patch8_224 --batch 64 --variants eager,fastvision+packing,fastvision+packing+graph,compile}"
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 export FASTVISION_COMMIT="${FASTVISION_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
 
@@ -121,6 +124,12 @@ if wants micro; then
   # shellcheck disable=SC2086
   run_step micro $(( MICRO_SECONDS + 90 )) "$OUT/bench.log" \
     "$PY" -m benchmarks.micro ${MICRO_ARGS} --out "$OUT/micro" --max-seconds "$MICRO_SECONDS"
+fi
+
+if wants dino-s8; then  # the same step on ViT-S/8 (785 + 145 tokens per crop), which issue 7 also asks for
+  # shellcheck disable=SC2086
+  run_step dino_step_s8 240 "$OUT/bench.log" "$PY" -m benchmarks.dino_step --quick ${DINO_S8_ARGS} \
+    --max-seconds 170 --out "$OUT/dino_step_s8.json"
 fi
 
 if wants conv-tests; then  # the CUDA conv/BN kernels and patched ResNets: a short run of their own
