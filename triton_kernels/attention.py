@@ -364,6 +364,7 @@ def _config(block_m, block_n, warps, stages):
 FWD_CONFIGS = [
     _config(128, 64, 4, 3), _config(128, 128, 8, 3), _config(128, 32, 4, 3), _config(64, 64, 4, 3),
     _config(64, 32, 4, 2), _config(128, 64, 8, 2), _config(64, 128, 4, 2), _config(64, 256, 4, 1),
+    _config(128, 256, 8, 1),  # N ≤ 256 (a 224-px image at patch 14 or 16): all keys in one block
 ]
 DKDV_CONFIGS = [
     _config(64, 64, 4, 2), _config(32, 64, 4, 2), _config(64, 128, 8, 2), _config(32, 128, 4, 2),
