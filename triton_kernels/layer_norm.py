@@ -21,6 +21,8 @@ per-thread registers. N is a compile-time constant: segments wholly past N (the 
 of 768 in a 1024 block) compile to nothing. Wider rows (up to MAX_SINGLE_BLOCK) take a program
 of several warps each (ROWS = 1, one segment); wider still, rows are streamed in STREAM_BLOCK chunks.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -239,6 +241,7 @@ def _vector(itemsize: int, *tensors_and_strides) -> int:
     return max(16 // itemsize, 1)
 
 
+@functools.lru_cache(maxsize=256)
 def _config(n: int, vec: int):
     """Launch meta-parameters for rows of n elements read vec at a time (see the module docstring)."""
     block = next_power_of_2(n)
@@ -335,7 +338,7 @@ def aot_specializations():
         for n, residual, vec in ((384, False, 16 // dtype.itemsize), (768, False, 16 // dtype.itemsize),
                                  (768, True, 16 // dtype.itemsize), (197, True, 1), (4096, False, 16 // dtype.itemsize),
                                  (10000, True, 1)):
-            meta = _config(n, vec)
+            meta = dict(_config(n, vec))  # a copy: _config's result is cached
             warps = {"num_warps": meta.pop("num_warps")}
             res_ptr = p if residual else "constexpr"
             signature = {"X": p, "R": res_ptr, "H": res_ptr, "Y": p, "W": p, "B": p, "Mean": stats, "Rstd": stats,
