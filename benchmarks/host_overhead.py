@@ -94,9 +94,7 @@ def main(argv=None):
     rows = measure(device, dtype, 2 if args.smoke else CALLS)
     result = {"env": common.environment_info(device), "dtype": str(dtype), "results": rows}
     common.write_json(args.out, result)
-    print(f"{'op':<22}{'mode':<9}{'fastvision µs':>15}{'eager µs':>11}{'extra µs':>10}")
-    for r in rows:
-        print(f"{r['op']:<22}{r['mode']:<9}{r['fastvision_us']:>15}{r['eager_us']:>11}{r['extra_us']:>10}")
+    common.print_table(rows, ["op", "mode", "fastvision_us", "eager_us", "extra_us"])
     return result
 
 

@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from . import common
 from .host_overhead import grad_step, pairs
 
 
@@ -82,9 +83,7 @@ def main(argv=None):
     parser.add_argument("--calls", type=int, default=3000)
     args = parser.parse_args(argv)
     rows = measure(args.calls)
-    print(f"{'op (µs per call)':<22}{'fwd':>8}{'eager fwd':>11}{'fwd+bwd':>9}{'eager fwd+bwd':>15}")
-    for r in rows:
-        print(f"{r['op']:<22}{r['fwd']:>8.1f}{r['eager fwd']:>11.1f}{r['fwd+bwd']:>9.1f}{r['eager fwd+bwd']:>15.1f}")
+    common.print_table(rows, ["op", "fwd", "eager fwd", "fwd+bwd", "eager fwd+bwd"], title="µs per call")
     return rows
 
 
