@@ -31,6 +31,15 @@ def rows_of(x: torch.Tensor):
     return x.shape[0], x.stride(0)
 
 
+def vector_width(itemsize: int, *tensors_and_strides) -> int:
+    """Elements per 16-byte access when every pointer and row stride allows it (as Triton sees them:
+    16-byte aligned pointers, strides divisible by 16), else 1. None tensors are skipped."""
+    for t, stride in tensors_and_strides:
+        if t is not None and (t.data_ptr() % 16 or stride % 16):
+            return 1
+    return max(16 // itemsize, 1)
+
+
 def is_interpreted(kernel) -> bool:
     """True when ``kernel`` was created under TRITON_INTERPRET=1 (runs on CPU tensors)."""
     return type(kernel).__name__ == "InterpretedFunction"

@@ -27,8 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import (accumulator_dtype, cdiv, multiprocessors, new_output, next_power_of_2, pointer, reduction_programs,
-                      rows_of, warps_for_row)
+from ._launch import (accumulator_dtype, cdiv, multiprocessors, new_output, next_power_of_2, pointer,
+                      reduction_programs, rows_of, vector_width, warps_for_row)
 from ._rows import by_row, flat, row_tile
 
 MAX_SINGLE_BLOCK = 8192
@@ -233,14 +233,6 @@ def layer_norm_bwd_kernel(
                     tl.store(DB_PARTIAL + partial_row + cols, db + dy, mask=mask)
 
 
-def _vector(itemsize: int, *tensors_and_strides) -> int:
-    """Elements per 16-byte access when every pointer and row stride allows it (as Triton sees them), else 1."""
-    for t, stride in tensors_and_strides:
-        if t is not None and (t.data_ptr() % 16 or stride % 16):
-            return 1
-    return max(16 // itemsize, 1)
-
-
 @functools.lru_cache(maxsize=256)
 def _config(n: int, vec: int):
     """Launch meta-parameters for rows of n elements read vec at a time (see the module docstring)."""
@@ -277,7 +269,8 @@ def layer_norm_fwd(x, weight, bias, eps, residual=None, out_dtype=None):
         return y, h, mean, rstd
     stride_r = rows_of(residual)[1] if residual is not None else 0
     itemsize = min(t.element_size() for t in (x, residual, y) if t is not None)
-    meta = _config(N, _vector(itemsize, (x, stride_x), (residual, stride_r), (h, N), (y, N), (weight, 0), (bias, 0)))
+    meta = _config(N, vector_width(itemsize, (x, stride_x), (residual, stride_r), (h, N), (y, N), (weight, 0),
+                                   (bias, 0)))
     layer_norm_fwd_kernel[(cdiv(M, meta["ROWS"]),)](
         x, residual, h, y, weight, bias, mean, rstd,
         stride_x, stride_r, N, N, M, eps, N,
@@ -315,8 +308,8 @@ def layer_norm_bwd(dy, h, weight, rstd, skip_grad=None, needs_weight_grad=True):
     stride_dy = rows_of(dy)[1]
     stride_skip = rows_of(skip_grad)[1] if skip_grad is not None else 0
     itemsize = min(t.element_size() for t in (dy, h, skip_grad) if t is not None)
-    meta = _config(N, _vector(itemsize, (dy, stride_dy), (h, stride_h), (skip_grad, stride_skip), (dx, N),
-                              (weight, 0)))
+    meta = _config(N, vector_width(itemsize, (dy, stride_dy), (h, stride_h), (skip_grad, stride_skip), (dx, N),
+                                   (weight, 0)))
     rows_per_program = _bwd_rows_per_program(M, meta, h.device)
     programs = cdiv(M, rows_per_program)
     partial = None

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import cdiv, new_output, next_power_of_2, pointer, rows_of, warps_for_row
+from ._launch import cdiv, new_output, next_power_of_2, pointer, rows_of, vector_width, warps_for_row
 from ._rows import by_row, flat, row_tile
 
 MAX_SINGLE_BLOCK = 16384
@@ -143,18 +143,9 @@ def _tile(block: int, single: bool):
     return 32 // _threads_per_row(block) * WARPS, WARPS
 
 
-def _vector(itemsize: int, *tensors_and_strides) -> int:
-    """Elements per 16-byte access when every pointer and row stride allows it (as Triton will see), else 1."""
-    vec = 16 // itemsize
-    for t, stride in tensors_and_strides:
-        if t.data_ptr() % 16 or stride % 16:
-            return 1
-    return vec
-
-
 def _config(n: int, itemsize: int, *tensors_and_strides):
     block, single = _block(n)
-    vec = _vector(itemsize, *tensors_and_strides) if single else 1
+    vec = vector_width(itemsize, *tensors_and_strides) if single else 1
     rows, warps = _tile(block, single)
     return dict(BLOCK_N=block, ROWS=rows, SINGLE_BLOCK=single, SEG=_segment(block, vec), num_warps=warps), rows
 
