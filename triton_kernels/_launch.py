@@ -56,6 +56,16 @@ def reduction_programs(rows: int, device: torch.device) -> int:
     return max(1, min(rows, 4))
 
 
+def rows_per_reduction_program(rows: int, row_step: int, warps_per_program: int, device: torch.device) -> int:
+    """Rows each program of a row reduction sums into its own partial row, a multiple of row_step.
+
+    Programs for about 32 resident warps per SM and no more, since each adds a partial row to
+    reduce afterwards; 4 programs on the interpreter.
+    """
+    target = 32 * multiprocessors(device.index) // warps_per_program if device.type == "cuda" else 4
+    return row_step * cdiv(rows, row_step * max(target, 1))
+
+
 _MULTIPROCESSORS = {}
 
 

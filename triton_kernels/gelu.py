@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import accumulator_dtype, cdiv, multiprocessors, new_output, next_power_of_2, pointer, rows_of
+from ._launch import (accumulator_dtype, cdiv, new_output, next_power_of_2, pointer, rows_of,
+                      rows_per_reduction_program)
 
 SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 INV_SQRT_2 = tl.constexpr(0.7071067811865476)
@@ -227,13 +228,6 @@ def _bias_tile(N, dtype):
     return max(1024 * warps // block_n, 1), block_n, warps
 
 
-def _db_rows_per_program(M, block_m, programs_per_row_group, warps, device):
-    """Rows each bias-backward program reduces: enough programs for ~32 resident warps per SM,
-    and no more (each one adds a row to the partial-sum buffer)."""
-    target = 32 * multiprocessors(device.index) // (warps * programs_per_row_group) if device.type == "cuda" else 4
-    return block_m * cdiv(M, block_m * max(target, 1))
-
-
 def bias_gelu_fwd(x, bias, approximate_tanh: bool):
     """x: contiguous, or (M, N) with unit column stride; bias: (N,). y has x's shape."""
     M, stride_x = rows_of(x)
@@ -257,7 +251,7 @@ def bias_gelu_bwd(dy, x, bias, approximate_tanh: bool):
         return dx, dx.new_zeros(N, dtype=accumulator_dtype(x.dtype))
     block_m, block_n, warps = _bias_tile(N, x.dtype)
     col_blocks = cdiv(N, block_n)
-    rows_per_program = _db_rows_per_program(M, block_m, col_blocks, warps, x.device)
+    rows_per_program = rows_per_reduction_program(M, block_m, warps * col_blocks, x.device)
     programs = cdiv(M, rows_per_program)
     db_partial = new_output((programs, N), dtype=accumulator_dtype(x.dtype), device=x.device)
     bias_gelu_bwd_kernel[(programs, col_blocks)](

@@ -27,8 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import (accumulator_dtype, cdiv, multiprocessors, new_output, next_power_of_2, pointer,
-                      reduction_programs, rows_of, vector_width, warps_for_row)
+from ._launch import (accumulator_dtype, cdiv, new_output, next_power_of_2, pointer, reduction_programs, rows_of,
+                      rows_per_reduction_program, vector_width, warps_for_row)
 from ._rows import by_row, flat, row_tile
 
 MAX_SINGLE_BLOCK = 8192
@@ -280,15 +280,11 @@ def layer_norm_fwd(x, weight, bias, eps, residual=None, out_dtype=None):
 
 
 def _bwd_rows_per_program(M, meta, device):
-    """Rows each backward program reduces into its partial dw/db rows.
-
-    Programs for ~32 resident warps per SM and no more: each adds a row to the partial buffers.
-    """
+    """Rows each backward program reduces into its partial dw/db rows (wide rows: one program per
+    row-parallel slot of reduction_programs)."""
     if not meta["SINGLE_BLOCK"]:
         return cdiv(M, reduction_programs(M, device))
-    rows = meta["ROWS"]
-    target = 32 * multiprocessors(device.index) // meta["num_warps"] if device.type == "cuda" else 4
-    return rows * cdiv(M, rows * max(target, 1))
+    return rows_per_reduction_program(M, meta["ROWS"], meta["num_warps"], device)
 
 
 def layer_norm_bwd(dy, h, weight, rstd, skip_grad=None, needs_weight_grad=True):
