@@ -178,16 +178,56 @@ def timed_steps(step, crops, n: int, device) -> List[float]:
     return times
 
 
-def profile_top_kernels(step, crops, device, rows: int = 15) -> str:
+# Kernel families, matched in order against the lower-cased kernel name (first match wins).
+KERNEL_FAMILIES = (
+    ("attention", r"attention|attn|flash|fmha|sdpa"),
+    ("gemm", r"gemm|nvjet|cutlass|xmma|cublas|matmul|mm_"),
+    ("layer_norm", r"layer_norm|layernorm"),
+    ("gelu", r"gelu"),
+    ("dino_loss/softmax", r"dino_loss|softmax"),
+    ("optimizer/ema/clip", r"foreach|multi_tensor|adam|lerp|norm_kernel"),
+    ("triton (compiled)", r"^triton_"),
+    ("reduction", r"reduce"),
+    ("copy/cast/fill", r"copy|cat_|memcpy|memset|fill"),
+    ("elementwise", r"elementwise|vectorized|unrolled"),
+)
+
+
+def _device_us(event) -> float:
+    for name in ("self_device_time_total", "self_cuda_time_total"):
+        value = getattr(event, name, None)
+        if value:
+            return float(value)
+    return 0.0
+
+
+def kernel_families(events, steps: int) -> Dict[str, float]:
+    """Milliseconds of GPU time per step in each of KERNEL_FAMILIES (plus "other"), largest first."""
+    import re
+
+    totals: Dict[str, float] = {}
+    for event in events:
+        us = _device_us(event)
+        if not us or getattr(event, "device_type", None) is None or "cuda" not in str(event.device_type).lower():
+            continue
+        name = event.key.lower()
+        family = next((f for f, pattern in KERNEL_FAMILIES if re.search(pattern, name)), "other")
+        totals[family] = totals.get(family, 0.0) + us / 1e3 / steps
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
+def profile_top_kernels(step, crops, device, rows: int = 25, steps: int = 2):
+    """(table of the top kernels by GPU time, GPU milliseconds per step by kernel family)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        for _ in range(2):
+        for _ in range(steps):
             step(crops, 1, 0.996)
         synchronize(device)
+    events = prof.key_averages()
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=60)
+    return events.table(sort_by=sort, row_limit=rows, max_name_column_width=70), kernel_families(events, steps)
 
 
 def run_variant(variant: str, args, device) -> Dict[str, object]:
@@ -222,7 +262,7 @@ def run_variant(variant: str, args, device) -> Dict[str, object]:
         if device.type == "cuda":
             result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         if args.profile:
-            result["profile"] = profile_top_kernels(step, crops, device)
+            result["profile"], result["gpu_ms_per_step_by_kernel_family"] = profile_top_kernels(step, crops, device)
     except Exception as exc:  # one variant failing must not lose the others
         result["error"] = f"{type(exc).__name__}: {exc}"
         result["traceback"] = traceback.format_exc()[-4000:]
@@ -301,7 +341,8 @@ def main(argv=None) -> int:
     print(table(payload["variants"]))
     for v in payload["variants"]:
         if v.get("profile"):
-            print(f"\n-- {v['name']}: top kernels\n{v['profile']}")
+            families = ", ".join(f"{k} {ms:.2f}" for k, ms in v.get("gpu_ms_per_step_by_kernel_family", {}).items())
+            print(f"\n-- {v['name']}: GPU ms per step by kernel family: {families}\n{v['profile']}")
     write_json(args.out, payload)
     return 0
 

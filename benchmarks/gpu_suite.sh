@@ -15,6 +15,7 @@
 #   NEW_TESTS         test files of the new-tests step: code not yet run on a GPU that the benchmarks after it
 #                     rely on (default: CapturedCall and the CUDA-graph DINO step; the kernels' correctness is
 #                     checked by micro on every case it times, their full GPU tests are the tests step)
+#   NEW_TESTS_SECONDS time limit of the new-tests step (default 90)
 #   GPU_TEST_SECONDS  time limit of the GPU test run (default 150)
 #   GPU_TESTS         test paths in the order to run them (default: tests)
 #   MICRO_SECONDS     --max-seconds of the micro benchmark (default 120)
@@ -24,6 +25,7 @@
 #                     CUDA-graph ones show device time without the host's launch cost)
 #   DINO_ARGS         arguments of the DINO step benchmark (default: batch 64; eager, fastvision+packing and
 #                     compile, each without and with the CUDA-graph step, and fastvision+graph)
+#   DINO_SECONDS      --max-seconds of the DINO step benchmark (default 150)
 #   DINO_S8_ARGS      the same for ViT-S/8 (default: batch 64; eager, fastvision+packing with and without the
 #                     CUDA-graph step, compile)
 #   PYTHON            interpreter (default: python3, else python)
@@ -109,14 +111,15 @@ fi
 
 if wants new-tests; then  # what changed since the last GPU run, before the benchmarks that rely on it
   # shellcheck disable=SC2086
-  run_step new-tests 90 "$OUT/gpu_tests.log" "$PY" -m pytest $NEW_TESTS -m gpu -q -p no:cacheprovider \
+  run_step new-tests "${NEW_TESTS_SECONDS:-90}" "$OUT/gpu_tests.log" "$PY" -m pytest $NEW_TESTS -m gpu -q -p no:cacheprovider \
     -o faulthandler_timeout=60
   tail -1 "$OUT/gpu_tests.log" | sed 's/^/   new-tests: /'
 fi
 
 if wants dino; then  # the DINO step, issue 7's configuration
   # shellcheck disable=SC2086
-  run_step dino_step 220 "$OUT/bench.log" "$PY" -m benchmarks.dino_step --quick ${DINO_ARGS} --max-seconds 150 \
+  run_step dino_step $(( ${DINO_SECONDS:-150} + 70 )) "$OUT/bench.log" "$PY" -m benchmarks.dino_step --quick ${DINO_ARGS} \
+    --max-seconds "${DINO_SECONDS:-150}" \
     --out "$OUT/dino_step.json"
 fi
 

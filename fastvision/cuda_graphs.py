@@ -33,6 +33,19 @@ def on_side_stream(fn: Callable):
     return out
 
 
+def release_generator_from_capture() -> None:
+    """Return the default CUDA generator to eager use after a capture that failed.
+
+    A capture registers the generator, and only a successful end of capture releases it: after a
+    failed one, every later random draw outside a graph (dropout, drop path) would raise "Offset
+    increment outside graph capture". A copy of its state (same seed and offset) is not registered
+    with any graph.
+    """
+    generator = torch.cuda.default_generators[torch.cuda.current_device()]
+    if hasattr(generator, "graphsafe_set_state"):  # torch >= 2.4
+        generator.graphsafe_set_state(generator.clone_state())
+
+
 class CapturedCall:
     """fn() run eagerly ``warmup_steps`` times (on a side stream: lazy initialisation, kernel tuning,
     torch.compile), then captured into a CUDA graph and replayed on every later call.
@@ -45,6 +58,10 @@ class CapturedCall:
     """
 
     def __init__(self, fn: Callable, *, warmup_steps: int = 2, grad_params: Iterable[nn.Parameter] = ()):
+        if warmup_steps < 1:
+            # cuBLAS, cuDNN and Triton initialise lazily on their first call, which a capture cannot record.
+            raise ValueError(f"warmup_steps must be at least 1 (got {warmup_steps}): the first call initialises "
+                             "libraries lazily, which a CUDA graph capture cannot record")
         if not torch.cuda.is_available():
             raise RuntimeError("CapturedCall records CUDA graphs and needs a CUDA device; call fn() directly instead")
         self.fn = fn
@@ -78,9 +95,10 @@ class CapturedCall:
             with torch.cuda.graph(graph):
                 self._out = self.fn()
         except Exception as exc:
+            release_generator_from_capture()
             raise CaptureError(f"CUDA graph capture failed: {type(exc).__name__}: {exc}") from exc
         self._graph = graph
         self._grads = [(p, p.grad) for p in self._params if p.grad is not None]
 
 
-__all__ = ["CaptureError", "CapturedCall", "on_side_stream"]
+__all__ = ["CaptureError", "CapturedCall", "on_side_stream", "release_generator_from_capture"]

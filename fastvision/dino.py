@@ -240,8 +240,7 @@ def ema_update(student: nn.Module, teacher: nn.Module, momentum: float) -> None:
     t_params = [p.detach() for p in unwrap(teacher).parameters()]
     if len(s_params) != len(t_params):
         raise ValueError(f"student has {len(s_params)} parameters, teacher {len(t_params)}")
-    torch._foreach_mul_(t_params, momentum)
-    torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
+    torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)  # one pass: t + (1 - m)(s - t)
 
 
 @torch.no_grad()

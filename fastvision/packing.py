@@ -115,11 +115,10 @@ def _embed(vit: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 def _run_blocks(vit: nn.Module, x: torch.Tensor, segments: "ops.Segments") -> torch.Tensor:
     checkpointing = getattr(vit, "grad_checkpointing", False) and torch.is_grad_enabled()
+    if not checkpointing:
+        return transformer.run_blocks(vit.blocks, x, attn_mask=segments)
     for block in vit.blocks:
-        if checkpointing:
-            x = torch.utils.checkpoint.checkpoint(block, x, attn_mask=segments, use_reentrant=False)
-        else:
-            x = block(x, attn_mask=segments)
+        x = torch.utils.checkpoint.checkpoint(block, x, attn_mask=segments, use_reentrant=False)
     return x
 
 

@@ -13,6 +13,11 @@ def test_needs_a_cuda_device():
         CapturedCall(lambda: None)
 
 
+def test_warmup_steps_must_be_positive():
+    with pytest.raises(ValueError, match="warmup_steps must be at least 1"):
+        CapturedCall(lambda: None, warmup_steps=0)
+
+
 def _model(seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(37, 64), nn.GELU(), nn.Linear(64, 5)).cuda()
@@ -20,7 +25,7 @@ def _model(seed=0):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("warmup_steps", (0, 2))
+@pytest.mark.parametrize("warmup_steps", (1, 2))
 def test_training_replays_match_eager_steps(warmup_steps, monkeypatch):
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     graphed, eager = _model(), _model()
@@ -50,3 +55,30 @@ def test_training_replays_match_eager_steps(warmup_steps, monkeypatch):
     assert call.captured
     for got, want in zip(graphed.parameters(), eager.parameters()):
         assert_close(got.detach(), want.detach(), torch.float32, name="parameters")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_failed_capture_raises_and_leaves_random_draws_working():
+    from fastvision.cuda_graphs import CaptureError
+
+    x = torch.randn(64, device="cuda")
+
+    def syncs_with_the_host():
+        y = torch.nn.functional.dropout(x, 0.5)  # registers the CUDA generator with the capture
+        return y.sum().item()  # a host sync: not allowed while capturing
+
+    call = CapturedCall(syncs_with_the_host, warmup_steps=1)
+    call()
+    with pytest.raises(CaptureError, match="capture failed"):
+        call()
+    assert not call.captured
+    dropped = torch.nn.functional.dropout(x, 0.5)  # raised "Offset increment outside graph capture" before the fix
+    assert 0 < int((dropped == 0).sum()) < 64
+
+    scaled = CapturedCall(lambda: torch.nn.functional.dropout(x, 0.5), warmup_steps=1)  # a new capture works
+    scaled()
+    first, second = scaled().clone(), scaled().clone()
+    assert call.captured is False and scaled.captured
+    assert not torch.equal(first, second)  # fresh random numbers on each replay
+    assert set(torch.unique(first / x).tolist()) <= {0.0, 2.0}

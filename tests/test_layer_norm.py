@@ -117,6 +117,35 @@ def test_add_layer_norm_matches_float64(device, dtype, hidden):
 
 
 @pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("x_dtype, r_dtype", [(torch.float32, torch.bfloat16), (torch.float16, torch.float16),
+                                              (torch.float32, torch.float32)], ids=str)
+@pytest.mark.parametrize("hidden", (37, 384, 5000, 10000))
+@pytest.mark.parametrize("scale_shape", ((2, 1), (2, 37)), ids=("per-sample", "per-row"))
+def test_add_layer_norm_residual_scale_matches_float64(device, x_dtype, r_dtype, hidden, scale_shape):
+    """h = x + residual * scale (drop path's keep / keep_prob per sample or per packed sequence)."""
+    x = randn(2, 37, hidden, dtype=x_dtype, device=device, requires_grad=True)
+    r = randn(2, 37, hidden, dtype=r_dtype, device=device, std=3.0, requires_grad=True)
+    w, b = randn(hidden, device=device, requires_grad=True), randn(hidden, device=device, requires_grad=True)
+    scale = torch.tensor([0.0, 1.25], device=device).view(2, 1).expand(scale_shape).clone()
+    if scale_shape[1] > 1:
+        scale[1, ::3] = 0.0
+    dy, dh = randn(2, 37, hidden, device=device), randn(2, 37, hidden, device=device)
+    y, h = fastvision.ops.add_layer_norm(x, r, (hidden,), w, b, residual_scale=scale)
+    assert h.dtype == torch.promote_types(x_dtype, r_dtype)
+    torch.autograd.backward((y, h), (dy.to(y.dtype), dh.to(h.dtype)))
+    xr, rr, wr, br = float64_copies(x, r, w, b)
+    hr = xr + rr * scale.double().cpu()[..., None]
+    yr = reference_layer_norm(hr, wr, br)
+    torch.autograd.backward((yr, hr), (dy.double().cpu(), dh.double().cpu()))
+    low = r_dtype if r_dtype != torch.float32 else x_dtype
+    assert_close(h, hr, low, name="x + residual * scale")
+    assert_close(y, yr, low, name="y")
+    assert r.grad.dtype == r_dtype and x.grad.dtype == x_dtype
+    for name, t, rt in (("x", x, xr), ("residual", r, rr), ("weight", w, wr), ("bias", b, br)):
+        assert_close(t.grad, rt.grad, low, name=f"grad of {name}")
+
+
+@pytest.mark.parametrize("device", kernel_devices())
 def test_layer_norm_gradcheck_float64(device):
     x = randn(3, 37, dtype=torch.float64, device=device, requires_grad=True)
     w = randn(37, dtype=torch.float64, device=device, requires_grad=True)
@@ -125,6 +154,9 @@ def test_layer_norm_gradcheck_float64(device):
     r = randn(3, 37, dtype=torch.float64, device=device, requires_grad=True)
     assert torch.autograd.gradcheck(
         lambda x, r, w, b: fastvision.ops.add_layer_norm(x, r, (37,), w, b), (x, r, w, b))
+    scale = torch.rand(3, dtype=torch.float64, device=device) + 0.5
+    assert torch.autograd.gradcheck(
+        lambda x, r, w, b: fastvision.ops.add_layer_norm(x, r, (37,), w, b, residual_scale=scale), (x, r, w, b))
 
 
 def test_layer_norm_module_is_drop_in():
@@ -150,6 +182,10 @@ def test_layer_norm_module_is_drop_in():
     (lambda: fastvision.ops.layer_norm(torch.randn(4, 8), (8,), None, torch.randn(8, 1)), "bias"),
     (lambda: fastvision.ops.layer_norm(torch.randn(4, 8), (8,), torch.ones(8, dtype=torch.int64)), "weight"),
     (lambda: fastvision.ops.add_layer_norm(torch.randn(4, 8), torch.randn(3, 8), (8,)), "residual"),
+    (lambda: fastvision.ops.add_layer_norm(torch.randn(4, 8), torch.randn(4, 8), (8,), residual_scale=torch.ones(3)),
+     "residual_scale"),
+    (lambda: fastvision.ops.add_layer_norm(torch.randn(4, 8), torch.randn(4, 8), (8,),
+                                           residual_scale=torch.ones(4, dtype=torch.int64)), "residual_scale"),
 ])
 def test_layer_norm_bad_input_names_the_argument(bad, match):
     with pytest.raises((ValueError, TypeError), match=match):

@@ -141,6 +141,32 @@ def test_train_mode_with_drop_path_and_dropout(device):
 
 
 @pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("train", (False, True), ids=("eval", "train-drop-path"))
+def test_run_blocks_fuses_each_mlp_add_into_the_next_norm(device, train, monkeypatch):
+    """run_blocks defers each Block's MLP residual add (with its drop path) into the next block's
+    norm1: same outputs and gradients as timm's blocks one after the other, same random draws."""
+    model = make_vit("vit_small_patch16_224", depth=3, drop_path_rate=0.3).to(device).train(train)
+    patched = fastvision.patch(copy.deepcopy(model)).train(train)
+    fused_adds = []
+    forward_add = LayerNorm.forward_add
+    monkeypatch.setattr(LayerNorm, "forward_add", lambda self, *a, **k: fused_adds.append(1) or forward_add(self, *a, **k))
+    tokens = torch.randn(2, 5, 384, device=device, requires_grad=True)
+    ref_tokens = tokens.detach().clone().requires_grad_()
+    dy = torch.randn(2, 5, 384, device=device)
+    torch.manual_seed(5)
+    ref = model.blocks(ref_tokens)
+    torch.manual_seed(5)
+    out = transformer.run_blocks(patched.blocks, tokens)
+    assert len(fused_adds) == 2 * 3 - 1  # norm2 of every block, norm1 of all but the first
+    assert_close(out, ref, torch.float32)
+    ref.backward(dy)
+    out.backward(dy)
+    assert_close(tokens.grad, ref_tokens.grad, torch.float32, name="grad of the tokens")
+    for (name, p), q in zip(patched.blocks.named_parameters(), model.blocks.parameters()):
+        assert_close(p.grad, q.grad, torch.float32, name=f"grad of {name}")
+
+
+@pytest.mark.parametrize("device", kernel_devices())
 def test_patched_model_compiles_fullgraph(device):
     torch._dynamo.reset()
     model = make_vit("vit_tiny_patch16_224").to(device).eval()

@@ -1,8 +1,10 @@
 """LayerNorm over the last dimension, optionally fused with a residual add.
 
-Forward, per row:  h = x (+ r);  y = (h - mean) * rstd * w + b
+Forward, per row:  h = x (+ r * s);  y = (h - mean) * rstd * w + b
+                   (s: an optional per-row scale of the residual, e.g. drop path's keep / keep_prob)
 Backward, per row: xhat = (h - mean) * rstd,  g = dy * w
                    dh = rstd * (g - mean(g * xhat) * xhat - mean(g)) (+ dh_skip)
+                   dr = dh * s (written in r's dtype: no separate cast pass)
                    dw = sum_rows dy * xhat,  db = sum_rows dy
 dw and db are reduced deterministically: each program accumulates the rows it
 owns into a private row of a partial buffer (dw rows, then db rows, in one
@@ -56,10 +58,10 @@ def _row_sum(x, in_row):
 
 @triton.jit
 def layer_norm_fwd_kernel(
-    X, R, H, Y, W, B, Mean, Rstd,
+    X, R, S, H, Y, W, B, Mean, Rstd,
     stride_x, stride_r, stride_h, stride_y,
     M, eps, N: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, HAS_RESIDUAL_SCALE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, SEG: tl.constexpr, ROWS: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
 ):
     acc_ty = Mean.dtype.element_ty
@@ -71,7 +73,10 @@ def layer_norm_fwd_kernel(
         mask = cols < N
         x = tl.load(X + rows * stride_x + cols, mask=mask, other=0.0)
         if HAS_RESIDUAL:
-            x += tl.load(R + rows * stride_r + cols, mask=mask, other=0.0)
+            r = tl.load(R + rows * stride_r + cols, mask=mask, other=0.0)
+            if HAS_RESIDUAL_SCALE:
+                r = r.to(S.dtype.element_ty) * tl.load(S + rows)  # the same address along a row: one L1 line
+            x += r
             tl.store(H + rows * stride_h + cols, x, mask=mask)
         x = by_row(x.to(acc_ty), ROWS)
         in_row = by_row(mask, ROWS)
@@ -91,13 +96,18 @@ def layer_norm_fwd_kernel(
         tl.store(Rstd + stats, rstd)
     else:
         row = tl.program_id(0).to(tl.int64)
+        if HAS_RESIDUAL_SCALE:
+            scale = tl.load(S + row)
         total = tl.zeros([BLOCK_N], dtype=acc_ty)
         for start in range(0, N, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             mask = cols < N
             x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
             if HAS_RESIDUAL:
-                x += tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
+                r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
+                if HAS_RESIDUAL_SCALE:
+                    r = r.to(S.dtype.element_ty) * scale
+                x += r
                 tl.store(H + row * stride_h + cols, x, mask=mask)
             total += x.to(acc_ty)
         rough_mean = tl.sum(total, axis=0) * (1.0 / N)
@@ -134,10 +144,11 @@ def layer_norm_fwd_kernel(
 
 @triton.jit
 def layer_norm_bwd_kernel(
-    DY, H, W, Rstd, DH_SKIP, DX, DW_PARTIAL,
-    stride_dy, stride_h, stride_skip, stride_dx,
+    DY, H, W, Rstd, DH_SKIP, S, DX, DR, DW_PARTIAL,
+    stride_dy, stride_h, stride_skip, stride_dx, stride_dr,
     M, rows_per_program, N: tl.constexpr,
-    HAS_SKIP_GRAD: tl.constexpr, HAS_WEIGHT: tl.constexpr, NEEDS_WB_GRAD: tl.constexpr,
+    HAS_SKIP_GRAD: tl.constexpr, HAS_RESIDUAL_GRAD: tl.constexpr, HAS_RESIDUAL_SCALE: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, NEEDS_WB_GRAD: tl.constexpr,
     BLOCK_N: tl.constexpr, SEG: tl.constexpr, ROWS: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -180,6 +191,11 @@ def layer_norm_bwd_kernel(
             if HAS_SKIP_GRAD:
                 dx += by_row(tl.load(DH_SKIP + rows * stride_skip + cols, mask=mask, other=0.0).to(acc_ty), ROWS)
             tl.store(DX + rows * stride_dx + cols, flat(dx), mask=mask)
+            if HAS_RESIDUAL_GRAD:
+                dr = flat(dx)
+                if HAS_RESIDUAL_SCALE:
+                    dr *= tl.load(S + rows, mask=rows < row_end, other=0.0)
+                tl.store(DR + rows * stride_dr + cols, dr, mask=mask)
             dw_acc = tl.where(in_row, dw_acc + dy * xhat, dw_acc)
             db_acc = tl.where(in_row, db_acc + dy, db_acc)
         if NEEDS_WB_GRAD:
@@ -191,6 +207,8 @@ def layer_norm_bwd_kernel(
         # one touching its partial row, so the read-modify-write needs no atomics.
         for row in range(row_start, row_end):
             rstd = tl.load(Rstd + row)
+            if HAS_RESIDUAL_SCALE:
+                scale = tl.load(S + row)
             total = tl.zeros([BLOCK_N], dtype=acc_ty)
             for start in range(0, N, BLOCK_N):
                 cols = start + tl.arange(0, BLOCK_N)
@@ -226,6 +244,10 @@ def layer_norm_bwd_kernel(
                 if HAS_SKIP_GRAD:
                     dx += tl.load(DH_SKIP + row * stride_skip + cols, mask=mask, other=0.0).to(acc_ty)
                 tl.store(DX + row * stride_dx + cols, dx, mask=mask)
+                if HAS_RESIDUAL_GRAD:
+                    if HAS_RESIDUAL_SCALE:
+                        dx *= scale
+                    tl.store(DR + row * stride_dr + cols, dx, mask=mask)
                 if NEEDS_WB_GRAD:
                     dw = tl.load(DW_PARTIAL + partial_row + cols, mask=mask)
                     tl.store(DW_PARTIAL + partial_row + cols, dw + dy * xhat, mask=mask)
@@ -251,11 +273,12 @@ def _config(n: int, vec: int):
     return dict(BLOCK_N=block, SEG=seg, ROWS=WARPS * max(32 * vec // seg, 1), SINGLE_BLOCK=True, num_warps=WARPS)
 
 
-def layer_norm_fwd(x, weight, bias, eps, residual=None, out_dtype=None):
+def layer_norm_fwd(x, weight, bias, eps, residual=None, out_dtype=None, residual_scale=None):
     """x, residual: contiguous, or (M, N) with unit column stride. Returns y, h (or None), mean, rstd.
 
-    Outputs have x's shape (statistics: without the last dimension). h = x + residual has
-    the promoted dtype of the two; y has ``out_dtype`` (default: h's).
+    Outputs have x's shape (statistics: without the last dimension). h = x + residual (times
+    ``residual_scale``, one float32 per row, contiguous, when given) has the promoted dtype of
+    the two; y has ``out_dtype`` (default: h's).
     """
     M, stride_x = rows_of(x)
     N = x.shape[-1]
@@ -272,9 +295,9 @@ def layer_norm_fwd(x, weight, bias, eps, residual=None, out_dtype=None):
     meta = _config(N, vector_width(itemsize, (x, stride_x), (residual, stride_r), (h, N), (y, N), (weight, 0),
                                    (bias, 0)))
     layer_norm_fwd_kernel[(cdiv(M, meta["ROWS"]),)](
-        x, residual, h, y, weight, bias, mean, rstd,
+        x, residual, residual_scale, h, y, weight, bias, mean, rstd,
         stride_x, stride_r, N, N, M, eps, N,
-        HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, **meta,
+        HAS_RESIDUAL=residual is not None, HAS_RESIDUAL_SCALE=residual_scale is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, **meta,
     )
     return y, h, mean, rstd
 
@@ -287,25 +310,28 @@ def _bwd_rows_per_program(M, meta, device):
     return rows_per_reduction_program(M, meta["ROWS"], meta["num_warps"], device)
 
 
-def layer_norm_bwd(dy, h, weight, rstd, skip_grad=None, needs_weight_grad=True):
+def layer_norm_bwd(dy, h, weight, rstd, skip_grad=None, needs_weight_grad=True, residual_dtype=None,
+                   residual_scale=None):
     """Gradients of layer_norm_fwd. ``h`` is the normalised input (x, or x + residual).
 
     dy, h, skip_grad: contiguous, or (M, N) with unit column stride. The mean is recomputed
     from h (see the module docstring), so only rstd is read. ``skip_grad`` is the gradient
-    that reached h through the residual stream; it is added to dx. Returns dx (h's shape)
-    and the (2, N) float32/64 sums [dweight, dbias], or None.
+    that reached h through the residual stream; it is added to dx. Returns dx (h's shape),
+    the residual's gradient dx * residual_scale in ``residual_dtype`` (None without
+    residual_dtype), and the (2, N) float32/64 sums [dweight, dbias], or None.
     """
     M, stride_h = rows_of(h)
     N = h.shape[-1]
     dx = new_output(h.shape, dtype=h.dtype, device=h.device)
+    dr = new_output(h.shape, dtype=residual_dtype, device=h.device) if residual_dtype is not None else None
     acc = accumulator_dtype(h.dtype)
     if M == 0:
-        return dx, (torch.zeros((2, N), dtype=acc, device=h.device) if needs_weight_grad else None)
+        return dx, dr, (torch.zeros((2, N), dtype=acc, device=h.device) if needs_weight_grad else None)
     stride_dy = rows_of(dy)[1]
     stride_skip = rows_of(skip_grad)[1] if skip_grad is not None else 0
-    itemsize = min(t.element_size() for t in (dy, h, skip_grad) if t is not None)
+    itemsize = min(t.element_size() for t in (dy, h, skip_grad, dr) if t is not None)
     meta = _config(N, vector_width(itemsize, (dy, stride_dy), (h, stride_h), (skip_grad, stride_skip), (dx, N),
-                                   (weight, 0)))
+                                   (dr, N), (weight, 0)))
     rows_per_program = _bwd_rows_per_program(M, meta, h.device)
     programs = cdiv(M, rows_per_program)
     partial = None
@@ -313,11 +339,12 @@ def layer_norm_bwd(dy, h, weight, rstd, skip_grad=None, needs_weight_grad=True):
         alloc = new_output if meta["SINGLE_BLOCK"] else (lambda shape, **kw: torch.zeros(shape, **kw))
         partial = alloc((2, programs, N), dtype=acc, device=h.device)
     layer_norm_bwd_kernel[(programs,)](
-        dy, h, weight, rstd, skip_grad, dx, partial,
-        stride_dy, stride_h, stride_skip, N, M, rows_per_program, N,
-        HAS_SKIP_GRAD=skip_grad is not None, HAS_WEIGHT=weight is not None, NEEDS_WB_GRAD=needs_weight_grad, **meta,
+        dy, h, weight, rstd, skip_grad, residual_scale, dx, dr, partial,
+        stride_dy, stride_h, stride_skip, N, N, M, rows_per_program, N,
+        HAS_SKIP_GRAD=skip_grad is not None, HAS_RESIDUAL_GRAD=dr is not None,
+        HAS_RESIDUAL_SCALE=residual_scale is not None, HAS_WEIGHT=weight is not None, NEEDS_WB_GRAD=needs_weight_grad, **meta,
     )
-    return dx, (partial.sum(1) if needs_weight_grad else None)
+    return dx, dr, (partial.sum(1) if needs_weight_grad else None)
 
 
 def aot_specializations():
@@ -330,22 +357,25 @@ def aot_specializations():
             meta = dict(_config(n, vec))  # a copy: _config's result is cached
             warps = {"num_warps": meta.pop("num_warps")}
             res_ptr = p if residual else "constexpr"
-            signature = {"X": p, "R": res_ptr, "H": res_ptr, "Y": p, "W": p, "B": p, "Mean": stats, "Rstd": stats,
+            signature = {"X": p, "R": res_ptr, "S": "constexpr", "H": res_ptr, "Y": p, "W": p, "B": p, "Mean": stats, "Rstd": stats,
                          "stride_x": "i32", "stride_r": "i32", "stride_h": "i32", "stride_y": "i32",
                          "M": "i32", "eps": "fp32", "N": "constexpr", "HAS_RESIDUAL": "constexpr",
-                         "HAS_WEIGHT": "constexpr", "HAS_BIAS": "constexpr", "BLOCK_N": "constexpr", "SEG": "constexpr",
+                         "HAS_RESIDUAL_SCALE": "constexpr", "HAS_WEIGHT": "constexpr", "HAS_BIAS": "constexpr", "BLOCK_N": "constexpr", "SEG": "constexpr",
                          "ROWS": "constexpr", "SINGLE_BLOCK": "constexpr"}
-            constexprs = {"N": n, "HAS_RESIDUAL": residual, "HAS_WEIGHT": True, "HAS_BIAS": True, **meta}
+            constexprs = {"N": n, "HAS_RESIDUAL": residual, "HAS_RESIDUAL_SCALE": False, "S": None, "HAS_WEIGHT": True,
+                          "HAS_BIAS": True, **meta}
             if not residual:
                 constexprs.update(R=None, H=None)
             yield layer_norm_fwd_kernel, signature, constexprs, warps
-            signature = {"DY": p, "H": p, "W": p, "Rstd": stats, "DH_SKIP": res_ptr, "DX": p,
-                         "DW_PARTIAL": stats, "stride_dy": "i32", "stride_h": "i32",
-                         "stride_skip": "i32", "stride_dx": "i32", "M": "i32", "rows_per_program": "i32",
-                         "N": "constexpr", "HAS_SKIP_GRAD": "constexpr", "HAS_WEIGHT": "constexpr",
+            signature = {"DY": p, "H": p, "W": p, "Rstd": stats, "DH_SKIP": res_ptr, "S": "constexpr", "DX": p,
+                         "DR": res_ptr, "DW_PARTIAL": stats, "stride_dy": "i32", "stride_h": "i32",
+                         "stride_skip": "i32", "stride_dx": "i32", "stride_dr": "i32", "M": "i32",
+                         "rows_per_program": "i32", "N": "constexpr", "HAS_SKIP_GRAD": "constexpr",
+                         "HAS_RESIDUAL_GRAD": "constexpr", "HAS_RESIDUAL_SCALE": "constexpr", "HAS_WEIGHT": "constexpr",
                          "NEEDS_WB_GRAD": "constexpr", "BLOCK_N": "constexpr", "SEG": "constexpr", "ROWS": "constexpr",
                          "SINGLE_BLOCK": "constexpr"}
-            constexprs = {"N": n, "HAS_SKIP_GRAD": residual, "HAS_WEIGHT": True, "NEEDS_WB_GRAD": True, **meta}
+            constexprs = {"N": n, "HAS_SKIP_GRAD": residual, "HAS_RESIDUAL_GRAD": residual, "HAS_RESIDUAL_SCALE": False,
+                          "S": None, "HAS_WEIGHT": True, "NEEDS_WB_GRAD": True, **meta}
             if not residual:
-                constexprs["DH_SKIP"] = None
+                constexprs.update(DH_SKIP=None, DR=None)
             yield layer_norm_bwd_kernel, signature, constexprs, warps

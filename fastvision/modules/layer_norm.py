@@ -29,13 +29,14 @@ class LayerNorm(nn.LayerNorm):
             return y if out_dtype is None else y.to(out_dtype)
         return ops.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps, out_dtype=out_dtype)
 
-    def forward_add(self, x: torch.Tensor, residual: torch.Tensor, out_dtype: Optional[torch.dtype] = None):
-        """(self(x + residual), x + residual) in one pass."""
+    def forward_add(self, x: torch.Tensor, residual: torch.Tensor, out_dtype: Optional[torch.dtype] = None,
+                    residual_scale: Optional[torch.Tensor] = None):
+        """(self(h), h) with h = x + residual (times ``residual_scale``, one factor per row), in one pass."""
         if not fused("layer_norm"):
-            h = x + residual
+            h = x + residual if residual_scale is None else x + residual * residual_scale[..., None]
             return self(h, out_dtype=out_dtype), h
         return ops.add_layer_norm(x, residual, self.normalized_shape, self.weight, self.bias, self.eps,
-                                  out_dtype=out_dtype)
+                                  out_dtype=out_dtype, residual_scale=residual_scale)
 
     def why_not(self, x: torch.Tensor):
         """Why this module falls back to eager on ``x`` (None when the kernel runs)."""

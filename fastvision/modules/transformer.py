@@ -3,7 +3,7 @@
 Both keep the original child modules (the same objects, under the same names), so
 parameters, buffers and state_dict keys are those of the timm modules they replace.
 """
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,12 @@ def _adopt(target: nn.Module, source: nn.Module, names) -> None:
 
 
 class Block(nn.Module):
-    """timm ViT Block with the first residual add fused into norm2 (one pass: h = x + a, LN(h))."""
+    """timm ViT Block with the residual adds fused into the LayerNorms that follow them.
+
+    The attention branch's add (and its drop path) is fused into norm2: one pass gives
+    h = x + keep * a and LN(h). ``forward_carry`` also defers the MLP branch's add to the next
+    block's norm1 (``run_blocks``), so the residual stream is read and written once per add.
+    """
 
     def __init__(self, block: nn.Module, fuse_residual_norm: bool = True):
         super().__init__()
@@ -33,29 +38,81 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
         """``attn_mask`` may be a ``fastvision.ops.Segments`` (x: packed sequences, (1, T, C)): drop path
         then keeps or drops each sequence as a whole, as it does each sample of a batch."""
-        if isinstance(self.norm1, LayerNorm):
-            y = self.norm1(x, out_dtype=_linear_input_dtype(x, self.attn, "qkv"))
-        else:
-            y = self.norm1(x)
-        a = self._drop_path(self.drop_path1, self.ls1(self.attn(y, attn_mask=attn_mask, is_causal=is_causal)),
-                            attn_mask)
-        if self.fuse_residual_norm and isinstance(self.norm2, LayerNorm):
-            y, x = self.norm2.forward_add(x, a, out_dtype=_linear_input_dtype(x, self.mlp, "fc1"))
-        else:
-            x = x + a
-            y = self.norm2(x)
-        return x + self._drop_path(self.drop_path2, self.ls2(self.mlp(y)), attn_mask)
+        return finish_residual(*self.forward_carry(x, None, attn_mask=attn_mask, is_causal=is_causal))
 
-    def _drop_path(self, drop_path: nn.Module, x: torch.Tensor, attn_mask) -> torch.Tensor:
-        if not isinstance(attn_mask, ops.Segments) or not drop_path.training or isinstance(drop_path, nn.Identity):
-            return drop_path(x)
+    def forward_carry(self, x: torch.Tensor, pending: "Pending", attn_mask=None, is_causal: bool = False
+                      ) -> Tuple[torch.Tensor, "Pending"]:
+        """(x, pending) in, (x, pending) out, where the residual stream is x + branch * row_scale for
+        pending = (branch, row_scale or None), or x for pending = None. The pending add is fused into
+        norm1 where norm1 is a fastvision LayerNorm."""
+        qkv_dtype = _linear_input_dtype(x, self.attn, "qkv")
+        if pending is not None and self.fuse_residual_norm and isinstance(self.norm1, LayerNorm):
+            y, x = self.norm1.forward_add(x, pending[0], out_dtype=qkv_dtype, residual_scale=pending[1])
+        elif isinstance(self.norm1, LayerNorm):
+            x = finish_residual(x, pending)
+            y = self.norm1(x, out_dtype=qkv_dtype)
+        else:
+            x = finish_residual(x, pending)
+            y = self.norm1(x)
+        a, scale = self._branch(self.drop_path1, self.ls1(self.attn(y, attn_mask=attn_mask, is_causal=is_causal)),
+                                x, attn_mask)
+        if self.fuse_residual_norm and isinstance(self.norm2, LayerNorm):
+            y, x = self.norm2.forward_add(x, a, out_dtype=_linear_input_dtype(x, self.mlp, "fc1"), residual_scale=scale)
+        else:
+            x = finish_residual(x, (a, scale))
+            y = self.norm2(x)
+        return x, self._branch(self.drop_path2, self.ls2(self.mlp(y)), x, attn_mask)
+
+    def _branch(self, drop_path: nn.Module, branch: torch.Tensor, x: torch.Tensor, attn_mask) -> "Pending":
+        """(branch, per-row keep scale or None): drop path as a factor the fused add applies."""
+        if not drop_path.training or isinstance(drop_path, nn.Identity):
+            return drop_path(branch), None
         if not is_drop_path(drop_path):
-            raise NotImplementedError(f"{type(drop_path).__name__} cannot act per packed sequence")
-        return drop_path_per_segment(x, attn_mask, drop_path.drop_prob, drop_path.scale_by_keep)
+            if isinstance(attn_mask, ops.Segments):
+                raise NotImplementedError(f"{type(drop_path).__name__} cannot act per packed sequence")
+            return drop_path(branch), None
+        if drop_path.drop_prob == 0.0:
+            return branch, None
+        if isinstance(attn_mask, ops.Segments):
+            return branch, segment_keep_scale(attn_mask, drop_path.drop_prob, drop_path.scale_by_keep,
+                                              x.shape[-2]).view(1, -1)
+        return branch, sample_keep_scale(x.shape[0], x.dim(), drop_path.drop_prob, drop_path.scale_by_keep, x.device)
+
+
+Pending = Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]]
+
+
+def finish_residual(x: torch.Tensor, pending: Pending) -> torch.Tensor:
+    """x + branch * row_scale (one kernel), the residual add a Block left pending."""
+    if pending is None:
+        return x
+    branch, scale = pending
+    if scale is None:
+        return x + branch
+    return torch.addcmul(x, branch, scale[..., None].to(torch.promote_types(x.dtype, branch.dtype)))
+
+
+def run_blocks(blocks, x: torch.Tensor, attn_mask=None) -> torch.Tensor:
+    """The blocks in order, each fastvision Block's last residual add fused into the next one's norm1."""
+    pending: Pending = None
+    for block in blocks:
+        if isinstance(block, Block):
+            x, pending = block.forward_carry(x, pending, attn_mask=attn_mask)
+        else:
+            x, pending = finish_residual(x, pending), None
+            x = block(x) if attn_mask is None else block(x, attn_mask=attn_mask)
+    return finish_residual(x, pending)
+
+
+class Blocks(nn.Sequential):
+    """A ViT's ``blocks`` Sequential (the same children, names and keys) run by ``run_blocks``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return run_blocks(self, x)
 
 
 def is_drop_path(module: nn.Module) -> bool:
-    """timm's DropPath (per-sample stochastic depth), which Block can apply per packed sequence."""
+    """timm's DropPath (per-sample stochastic depth), which Block applies as a per-row factor."""
     try:
         from timm.layers import DropPath
     except ImportError:
@@ -63,16 +120,27 @@ def is_drop_path(module: nn.Module) -> bool:
     return type(module).forward is DropPath.forward
 
 
+def sample_keep_scale(batch: int, dims: int, drop_prob: float, scale_by_keep: bool, device) -> torch.Tensor:
+    """timm's per-sample drop path factors, (batch, 1, ...): one row factor per token of x (batch, ..., C)."""
+    keep_prob = 1.0 - drop_prob
+    keep = torch.empty((batch,) + (1,) * (dims - 2), device=device).bernoulli_(keep_prob)
+    if keep_prob > 0.0 and scale_by_keep:
+        keep.div_(keep_prob)
+    return keep
+
+
+def segment_keep_scale(segments: "ops.Segments", drop_prob: float, scale_by_keep: bool, tokens: int) -> torch.Tensor:
+    """Drop path factors per token of a packed stream (tokens,): one keep/drop draw per sequence."""
+    keep = sample_keep_scale(len(segments.lengths), 2, drop_prob, scale_by_keep, segments.device_lengths.device)
+    return keep.view(-1).repeat_interleave(segments.device_lengths, output_size=tokens)  # output_size: no host sync
+
+
 def drop_path_per_segment(x: torch.Tensor, segments: "ops.Segments", drop_prob: float,
                           scale_by_keep: bool = True) -> torch.Tensor:
     """timm's drop_path with one keep/drop draw per packed sequence instead of per batch row: x (1, T, C)."""
     if drop_prob == 0.0:
         return x
-    keep_prob = 1.0 - drop_prob
-    keep = x.new_empty(len(segments.lengths)).bernoulli_(keep_prob)
-    if keep_prob > 0.0 and scale_by_keep:
-        keep.div_(keep_prob)
-    per_token = keep.repeat_interleave(segments.device_lengths.to(x.device), output_size=x.shape[-2])  # output_size: no host sync
+    per_token = segment_keep_scale(segments, drop_prob, scale_by_keep, x.shape[-2]).to(x.dtype)
     return x * per_token.view(1, -1, 1)
 
 

@@ -2,7 +2,9 @@
 
 ``layer_norm(x, normalized_shape, weight, bias, eps)`` matches F.layer_norm.
 ``add_layer_norm(x, residual, ...)`` returns (LN(x + residual), x + residual): the
-sum is the next residual stream, so a transformer block reads it once.
+sum is the next residual stream, so a transformer block reads it once. Its optional
+``residual_scale`` (one factor per row) scales the residual first: drop path's per-sample
+keep / keep_prob, applied inside the same pass.
 """
 from typing import Optional, Tuple
 
@@ -45,46 +47,84 @@ def _layer_norm_fake(x, weight, bias, eps, out_dtype):
     return x.new_empty(x.shape, dtype=out_dtype or x.dtype), stats, stats.new_empty(stats.shape)
 
 
+def _scaled_sum(x: Tensor, residual: Tensor, residual_scale: Optional[Tensor]) -> Tensor:
+    if residual_scale is None:
+        return x + residual
+    h_dtype = torch.promote_types(x.dtype, residual.dtype)
+    return (x + residual.to(residual_scale.dtype) * residual_scale[..., None]).to(h_dtype)
+
+
 def _add_layer_norm_impl(x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-                         out_dtype: Optional[torch.dtype]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                         out_dtype: Optional[torch.dtype], residual_scale: Optional[Tensor]
+                         ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     if not C.use_triton(x):
-        h = x + residual
+        h = _scaled_sum(x, residual, residual_scale)
         y, mean, rstd = _eager_forward(h, weight, bias, eps, out_dtype)
         return y, h, mean, rstd
     rows = C.row_major(x)
+    scale = None if residual_scale is None else residual_scale.reshape(-1)
     y, h, mean, rstd = _kernels().layer_norm_fwd(rows, weight, bias, eps, residual=C.row_major(residual),
-                                                 out_dtype=out_dtype)
+                                                 out_dtype=out_dtype, residual_scale=scale)
     if rows is not x:
         return y.view(x.shape), h.view(x.shape), mean.view(x.shape[:-1]), rstd.view(x.shape[:-1])
     return y, h, mean, rstd
 
 
-def _add_layer_norm_fake(x, residual, weight, bias, eps, out_dtype):
+def _add_layer_norm_fake(x, residual, weight, bias, eps, out_dtype, residual_scale):
     h = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, residual.dtype))
     stats = x.new_empty(x.shape[:-1], dtype=C.accumulator_dtype(h.dtype))
     return h.new_empty(h.shape, dtype=out_dtype or h.dtype), h, stats, stats.new_empty(stats.shape)
 
 
-def _layer_norm_backward_impl(dy: Tensor, h: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
-                              skip_grad: Optional[Tensor], needs_weight_grad: bool) -> Tuple[Tensor, Tensor]:
-    """(dx, [dweight; dbias] as one (2, N) accumulator-dtype tensor, empty when not needed)."""
+def _backward(dy: Tensor, h: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
+              skip_grad: Optional[Tensor], needs_weight_grad: bool, residual_dtype: Optional[torch.dtype] = None,
+              residual_scale: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor], Tensor]:
+    """(dx, the residual's gradient (None without residual_dtype), [dweight; dbias] as one (2, N)
+    accumulator-dtype tensor, empty when not needed)."""
     if not C.use_triton(h):
-        return _eager_backward(dy, h, weight, mean, rstd, skip_grad, needs_weight_grad)
+        return _eager_backward(dy, h, weight, mean, rstd, skip_grad, needs_weight_grad, residual_dtype,
+                               residual_scale)
     rows = C.row_major(h)
-    dx, dwb = _kernels().layer_norm_bwd(
+    dx, dr, dwb = _kernels().layer_norm_bwd(
         C.row_major(dy), rows, weight, rstd, skip_grad=None if skip_grad is None else C.row_major(skip_grad),
-        needs_weight_grad=needs_weight_grad)
+        needs_weight_grad=needs_weight_grad, residual_dtype=residual_dtype,
+        residual_scale=None if residual_scale is None else residual_scale.reshape(-1))
     if rows is not h:
         dx = dx.view(h.shape)
-    return dx, dwb if dwb is not None else h.new_empty(0, dtype=C.accumulator_dtype(h.dtype))
+        dr = None if dr is None else dr.view(h.shape)
+    return dx, dr, dwb if dwb is not None else h.new_empty(0, dtype=C.accumulator_dtype(h.dtype))
 
 
-def _layer_norm_backward_fake(dy, h, weight, mean, rstd, skip_grad, needs_weight_grad):
-    acc = C.accumulator_dtype(h.dtype)
-    return h.new_empty(h.shape), h.new_empty((2, h.shape[-1]) if needs_weight_grad else 0, dtype=acc)
+def _layer_norm_backward_impl(dy: Tensor, h: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
+                              needs_weight_grad: bool) -> Tuple[Tensor, Tensor]:
+    """(dx, [dweight; dbias] as one (2, N) accumulator-dtype tensor, empty when not needed)."""
+    dx, _, dwb = _backward(dy, h, weight, mean, rstd, None, needs_weight_grad)
+    return dx, dwb
 
 
-def _eager_backward(dy, h, weight, mean, rstd, skip_grad, needs_weight_grad):
+def _layer_norm_backward_fake(dy, h, weight, mean, rstd, needs_weight_grad):
+    return h.new_empty(h.shape), _weight_grads_fake(h, needs_weight_grad)
+
+
+def _weight_grads_fake(h, needs_weight_grad):
+    return h.new_empty((2, h.shape[-1]) if needs_weight_grad else 0, dtype=C.accumulator_dtype(h.dtype))
+
+
+def _add_layer_norm_backward_impl(dy: Tensor, h: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
+                                  skip_grad: Optional[Tensor], residual_scale: Optional[Tensor],
+                                  residual_dtype: torch.dtype, needs_weight_grad: bool
+                                  ) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dh, the residual's gradient dh * residual_scale in residual_dtype, [dweight; dbias])."""
+    return _backward(dy, h, weight, mean, rstd, skip_grad, needs_weight_grad, residual_dtype, residual_scale)
+
+
+def _add_layer_norm_backward_fake(dy, h, weight, mean, rstd, skip_grad, residual_scale, residual_dtype,
+                                  needs_weight_grad):
+    return h.new_empty(h.shape), h.new_empty(h.shape, dtype=residual_dtype), _weight_grads_fake(h, needs_weight_grad)
+
+
+def _eager_backward(dy, h, weight, mean, rstd, skip_grad, needs_weight_grad, residual_dtype=None,
+                    residual_scale=None):
     acc = C.accumulator_dtype(h.dtype)
     xhat = (h.to(acc) - mean[..., None]) * rstd[..., None]
     dyf = dy.to(acc)
@@ -92,10 +132,13 @@ def _eager_backward(dy, h, weight, mean, rstd, skip_grad, needs_weight_grad):
     dx = (g - xhat * (g * xhat).mean(-1, keepdim=True) - g.mean(-1, keepdim=True)) * rstd[..., None]
     if skip_grad is not None:
         dx = dx + skip_grad.to(acc)
+    dr = None
+    if residual_dtype is not None:
+        dr = (dx if residual_scale is None else dx * residual_scale[..., None].to(acc)).to(residual_dtype)
     if not needs_weight_grad:
-        return dx.to(h.dtype), h.new_empty(0, dtype=acc)
+        return dx.to(h.dtype), dr, h.new_empty(0, dtype=acc)
     rows = h.shape[-1]
-    return dx.to(h.dtype), torch.stack(((dyf * xhat).reshape(-1, rows).sum(0), dyf.reshape(-1, rows).sum(0)))
+    return dx.to(h.dtype), dr, torch.stack(((dyf * xhat).reshape(-1, rows).sum(0), dyf.reshape(-1, rows).sum(0)))
 
 
 def _weight_grads(ctx, dwb, weight, bias):
@@ -127,7 +170,7 @@ def _layer_norm_backward(ctx, dy, _dmean, _drstd):
     x, weight, bias, mean, rstd = ctx.saved_tensors
     weight = weight if ctx.has_weight else None
     bias = bias if ctx.has_bias else None
-    dx, dwb = call("layer_norm_backward", dy, x, weight, mean, rstd, None, _needs_weight_grad(ctx))
+    dx, dwb = call("layer_norm_backward", dy, x, weight, mean, rstd, _needs_weight_grad(ctx))
     dw, db = _weight_grads(ctx, dwb, weight, bias)
     return dx, dw, db, None, None
 
@@ -138,27 +181,31 @@ define("layer_norm", _layer_norm_impl, _layer_norm_fake, setup_context=_setup_la
 
 
 def _setup_add_layer_norm(ctx, inputs, output):
-    x, residual, weight, bias, _, _ = inputs
+    x, residual, weight, bias, _, _, residual_scale = inputs
     _, h, mean, rstd = output
     ctx.input_dtypes = (x.dtype, residual.dtype)
     ctx.weight_index = 2
     ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
-    ctx.save_for_backward(h, weight, bias, mean, rstd)
+    ctx.has_scale = residual_scale is not None
+    ctx.save_for_backward(h, weight, bias, mean, rstd, residual_scale)
     ctx.mark_non_differentiable(mean, rstd)
 
 
 def _add_layer_norm_backward(ctx, dy, dh, _dmean, _drstd):
-    h, weight, bias, mean, rstd = ctx.saved_tensors
+    h, weight, bias, mean, rstd, residual_scale = ctx.saved_tensors
     weight = weight if ctx.has_weight else None
     bias = bias if ctx.has_bias else None
+    residual_scale = residual_scale if ctx.has_scale else None
     if dy is None:
         dy = torch.zeros_like(h)
-    dx, dwb = call("layer_norm_backward", dy, h, weight, mean, rstd, dh, _needs_weight_grad(ctx))
-    dw, db = _weight_grads(ctx, dwb, weight, bias)
     x_dtype, residual_dtype = ctx.input_dtypes
-    return dx.to(x_dtype), dx.to(residual_dtype), dw, db, None, None
+    dx, dr, dwb = call("add_layer_norm_backward", dy, h, weight, mean, rstd, dh, residual_scale, residual_dtype,
+                       _needs_weight_grad(ctx))
+    dw, db = _weight_grads(ctx, dwb, weight, bias)
+    return dx.to(x_dtype), dr, dw, db, None, None, None
 
 
+define("add_layer_norm_backward", _add_layer_norm_backward_impl, _add_layer_norm_backward_fake)
 define("add_layer_norm", _add_layer_norm_impl, _add_layer_norm_fake, setup_context=_setup_add_layer_norm,
        backward=_add_layer_norm_backward)
 
@@ -257,26 +304,47 @@ def layer_norm(x: Tensor, normalized_shape, weight: Optional[Tensor] = None, bia
 
 
 def add_layer_norm(x: Tensor, residual: Tensor, normalized_shape, weight: Optional[Tensor] = None,
-                   bias: Optional[Tensor] = None, eps: float = 1e-5, *, out_dtype: Optional[torch.dtype] = None
-                   ) -> Tuple[Tensor, Tensor]:
-    """(F.layer_norm(x + residual), x + residual), fused into one pass where supported.
+                   bias: Optional[Tensor] = None, eps: float = 1e-5, *, out_dtype: Optional[torch.dtype] = None,
+                   residual_scale: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """(F.layer_norm(h), h) with h = x + residual, fused into one pass where supported.
 
     The sum has the dtype ``x + residual`` promotes to (the kernel reads both as they are);
     under CUDA autocast the normalised output is float32, as eager autocast gives, unless
-    ``out_dtype`` says otherwise.
+    ``out_dtype`` says otherwise. ``residual_scale`` (broadcastable to the rows, x.shape
+    without the normalised dimensions; no gradient) makes h = x + residual * residual_scale,
+    with the product in float32 (float64 for float64 inputs).
     """
+    if residual_scale is not None:
+        residual_scale = _row_scale(residual_scale, x, residual, len(_normalized_size(normalized_shape)))
     common = _common_case(x, normalized_shape, weight, bias, out_dtype)
     if (common is not _NOT_COMMON and isinstance(residual, Tensor) and residual.shape == x.shape
             and residual.dtype in C.FLOATING_DTYPES and residual.device == x.device):
-        y, h, _, _ = call("add_layer_norm", x, residual, weight, bias, float(eps), common)
+        y, h, _, _ = call("add_layer_norm", x, residual, weight, bias, float(eps), common, residual_scale)
         return y, h
     shape = _validate(x, normalized_shape, weight, bias, residual)
     autocast_dtype = C.autocast_dtype_for(x.device.type, "fp32")
     weight, bias = C.autocast_cast(autocast_dtype, weight, bias)
     out_dtype = out_dtype or autocast_dtype
     if layer_norm_decline(x, weight, bias) is not None or C.dtype_decline(residual) is not None:
-        h = x + residual
+        h = _scaled_sum(x, residual, residual_scale)
         return layer_norm(h, shape, weight, bias, eps, out_dtype=out_dtype), h
     flat, w, b = _last_dim_view(x, weight, bias, shape)
-    y, h, _, _ = call("add_layer_norm", flat, residual.reshape(flat.shape), w, b, float(eps), out_dtype)
+    y, h, _, _ = call("add_layer_norm", flat, residual.reshape(flat.shape), w, b, float(eps), out_dtype,
+                      residual_scale)
     return y.view(x.shape), h.view(x.shape)
+
+
+def _row_scale(residual_scale, x: Tensor, residual: Tensor, normalized_dims: int) -> Tensor:
+    """residual_scale as one contiguous accumulator-dtype factor per row of x."""
+    C.check_floating("residual_scale", residual_scale)
+    C.check_floating("input", x)
+    C.check_same_device(input=x, residual_scale=residual_scale)
+    rows = x.shape[:max(x.dim() - normalized_dims, 0)]
+    try:
+        expanded = residual_scale.expand(rows)
+    except RuntimeError:
+        raise ValueError(f"residual_scale has shape {tuple(residual_scale.shape)}, which does not broadcast to "
+                         f"the rows of the input, {tuple(rows)}") from None
+    residual_dtype = residual.dtype if isinstance(residual, Tensor) else x.dtype  # a bad residual: _validate says so
+    dtype = C.accumulator_dtype(torch.promote_types(x.dtype, residual_dtype))
+    return expanded.to(dtype).contiguous()

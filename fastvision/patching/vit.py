@@ -4,6 +4,7 @@ Modules are recognised by structure (the children and attributes the fused modul
 reads) and by running timm's own forward, so subclasses that keep the forward are
 covered and look-alikes with a different forward are not silently changed.
 """
+from collections import OrderedDict
 from typing import Callable, Tuple
 
 from torch import nn
@@ -117,6 +118,19 @@ def _build_block(m: nn.Module, options):
     return transformer.Block(m)
 
 
+# --- blocks Sequential ----------------------------------------------------------------------
+
+def _is_block_sequence(m: nn.Module) -> bool:
+    return (type(m) is nn.Sequential and len(m) > 1
+            and all(_is_block(b) or isinstance(b, transformer.Block) for b in m.children()))
+
+
+def _build_block_sequence(m: nn.Sequential, options):
+    if not options.get("layer_norm", True):
+        return "residual+LayerNorm fusion needs layer_norm=True"
+    return transformer.Blocks(OrderedDict(m.named_children()))
+
+
 # --- Attention -------------------------------------------------------------------------------
 
 def _is_attention(m: nn.Module) -> bool:
@@ -137,6 +151,7 @@ def _build_attention(m: nn.Module, options):
 
 
 RULES = [
+    Rule("vit.blocks", "fuse_residual_norm", _is_block_sequence, _build_block_sequence),
     Rule("vit.block", "fuse_residual_norm", _is_block, _build_block),
     Rule("vit.attention", "attention", _is_attention, _build_attention),
     Rule("vit.mlp", "fuse_bias_gelu", _is_mlp, _build_mlp),
