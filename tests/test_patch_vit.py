@@ -114,7 +114,7 @@ def test_patch_options_switch_each_replacement_off():
     skipped = {s.path: s.reason for s in fastvision.patch_report(model).skipped}
     assert "gelu" in skipped["blocks.0.mlp"]
     none = fastvision.patch(make_vit("vit_tiny_patch16_224"), attention=False, layer_norm=False, gelu=False,
-                            fuse_residual_norm=False, fuse_bias_gelu=False)
+                            fuse_residual_norm=False, fuse_bias_gelu=False, patch_embed=False)
     assert not fastvision.patch_report(none).replaced
 
 

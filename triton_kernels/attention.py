@@ -502,7 +502,7 @@ def _geometry(dims, cu_seqlens, max_seqlen):
 
 
 def attention_fwd(q, k, v, *, scale: float, bias=None, n_rows: int = 0, allow_tf32: bool = False,
-                  heads_last: bool = False, cu_seqlens=None, max_seqlen: int = 0):
+                  heads_last: bool = False, cu_seqlens=None, max_seqlen: int = 0, out=None, lse=None):
     """(out, lse, rows) for q, k, v: (B, H, N, d) tensors with unit stride along d, or (B, N, H, d)
     ones when ``heads_last`` (e.g. views into timm's packed qkv), other strides arbitrary.
 
@@ -510,14 +510,15 @@ def attention_fwd(q, k, v, *, scale: float, bias=None, n_rows: int = 0, allow_tf
     (B*H, N); rows holds softmax of the first n_rows query rows, (B, H, n_rows, N) (empty
     when n_rows is 0). With ``cu_seqlens`` (int32 offsets of packed sequences, B = 1, N =
     all tokens) each token attends only within its own sequence, the longest being
-    ``max_seqlen``; no bias or rows then.
+    ``max_seqlen``; no bias or rows then. ``out`` (q's shape, unit stride along d) and ``lse``
+    ((B*H, N), contiguous) may be given preallocated, e.g. as views into larger buffers.
     """
     dims = _dims(q, heads_last)
     B, H, N, d = dims
     varlen = cu_seqlens is not None
     acc = accumulator_dtype(q.dtype)
-    out = new_output(q.shape, dtype=q.dtype, device=q.device)
-    lse = new_output((B * H, N), dtype=acc, device=q.device)
+    out = new_output(q.shape, dtype=q.dtype, device=q.device) if out is None else out
+    lse = new_output((B * H, N), dtype=acc, device=q.device) if lse is None else lse
     rows = new_output((B, H, n_rows, N), dtype=q.dtype, device=q.device)
     rows_arg = rows if n_rows else out
     rows_strides = rows.stride()[:3] if n_rows else (0, 0, 0)

@@ -16,6 +16,7 @@ import triton.language as tl
 
 from ._launch import (accumulator_dtype, cdiv, new_output, next_power_of_2, pointer, rows_of,
                       rows_per_reduction_program)
+from .partial_sum import sum_partials
 
 SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 INV_SQRT_2 = tl.constexpr(0.7071067811865476)
@@ -257,7 +258,7 @@ def bias_gelu_bwd(dy, x, bias, approximate_tanh: bool):
     bias_gelu_bwd_kernel[(programs, col_blocks)](
         dy, x, bias, dx, db_partial, M, N, rows_of(dy)[1], stride_x, N, rows_per_program,
         APPROX_TANH=approximate_tanh, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
-    return dx, db_partial.sum(0)
+    return dx, sum_partials(db_partial)
 
 
 def aot_specializations():

@@ -32,6 +32,7 @@ import triton.language as tl
 from ._launch import (accumulator_dtype, cdiv, new_output, next_power_of_2, pointer, reduction_programs, rows_of,
                       rows_per_reduction_program, vector_width, warps_for_row)
 from ._rows import by_row, flat, row_tile
+from .partial_sum import sum_partials
 
 MAX_SINGLE_BLOCK = 8192
 STREAM_BLOCK = 4096
@@ -344,7 +345,7 @@ def layer_norm_bwd(dy, h, weight, rstd, skip_grad=None, needs_weight_grad=True, 
         HAS_SKIP_GRAD=skip_grad is not None, HAS_RESIDUAL_GRAD=dr is not None,
         HAS_RESIDUAL_SCALE=residual_scale is not None, HAS_WEIGHT=weight is not None, NEEDS_WB_GRAD=needs_weight_grad, **meta,
     )
-    return dx, dr, (partial.sum(1) if needs_weight_grad else None)
+    return dx, dr, (sum_partials(partial) if needs_weight_grad else None)
 
 
 def aot_specializations():

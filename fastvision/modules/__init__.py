@@ -4,7 +4,8 @@ from .attention import Attention
 from .conv import ConvBnAct, FoldedBatchNorm2d, FusedConv2d, FusedSequential
 from .gelu import GELU
 from .layer_norm import LayerNorm
+from .patch_embed import PatchConv2d
 from .softmax import Softmax
 
 __all__ = ["Attention", "COMPILE_OP_NAMES", "ConvBnAct", "FoldedBatchNorm2d", "FusedConv2d", "FusedSequential", "GELU",
-           "LayerNorm", "Softmax", "compile_ops", "set_compile_ops"]
+           "LayerNorm", "PatchConv2d", "Softmax", "compile_ops", "set_compile_ops"]

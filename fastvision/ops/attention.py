@@ -12,7 +12,7 @@ float32 inputs use TF32 matrix products on the GPU when
 import itertools
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -331,11 +331,14 @@ class Segments:
     total: int = field(init=False)
     max_length: int = field(init=False)
     device_lengths: Tensor = field(init=False, compare=False, repr=False)  # on the offsets' device
+    # [length, count, length, count, ...] of the runs of equal consecutive lengths (an op argument)
+    run_list: List[int] = field(init=False, compare=False, repr=False)
 
     def __post_init__(self):
         object.__setattr__(self, "total", sum(self.lengths))
         object.__setattr__(self, "max_length", max(self.lengths))
         object.__setattr__(self, "device_lengths", self.cu_seqlens.diff())
+        object.__setattr__(self, "run_list", [n for _, length, count in self.runs() for n in (length, count)])
 
     def runs(self):
         """(start token, length, count) of each run of equal consecutive lengths."""
@@ -356,10 +359,29 @@ def _eager_varlen(qkv: Tensor, segments: Segments, scale: float) -> Tensor:
     return torch.cat(outputs)
 
 
-def _runs_of(cu_seqlens: Tensor):
-    """Segments rebuilt from device offsets (a host sync: eager fallback only)."""
-    offsets = cu_seqlens.tolist()
-    return Segments(tuple(b - a for a, b in zip(offsets, offsets[1:])), cu_seqlens).runs()
+def _runs_of(cu_seqlens: Tensor, runs: Optional[List[int]]):
+    """(start token, length, count) of each run of equal-length sequences: from ``runs``
+    ([length, count, length, count, ...]) or, without it, from the device offsets (a host sync)."""
+    if runs is None:
+        offsets = cu_seqlens.tolist()
+        return list(Segments(tuple(b - a for a, b in zip(offsets, offsets[1:])), cu_seqlens).runs())
+    found, start = [], 0
+    for length, count in zip(runs[::2], runs[1::2]):
+        found.append((start, length, count))
+        start += length * count
+    return found
+
+
+# Up to this many runs of equal-length sequences (DINO: 2, the global and the local crops) run as
+# one dense launch each, with the block sizes tuned for that length; more (truly ragged lengths)
+# run as one variable-length launch sized by the longest sequence.
+MAX_DENSE_RUNS = 4
+
+
+def _dense_runs(cu_seqlens: Tensor, runs: Optional[List[int]]):
+    if runs is None or len(runs) // 2 > MAX_DENSE_RUNS:
+        return None
+    return _runs_of(cu_seqlens, runs)
 
 
 def _run_heads(t: Tensor, start: int, length: int, count: int) -> Tensor:
@@ -367,34 +389,57 @@ def _run_heads(t: Tensor, start: int, length: int, count: int) -> Tensor:
     return t[start:start + length * count].view(count, length, *t.shape[1:]).transpose(1, 2)
 
 
-def _attention_varlen_impl(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float, allow_tf32: bool
-                           ) -> Tuple[Tensor, Tensor]:
+def _run_tokens(t: Tensor, start: int, length: int, count: int) -> Tensor:
+    """(count, length, ...) view of a run of equal-length sequences in a (T, ...) tensor."""
+    return t[start:start + length * count].view(count, length, *t.shape[1:])
+
+
+def _run_lse(lse: Tensor, heads: int, start: int, length: int, count: int) -> Tensor:
+    """A run's (count * H, length) log-sum-exp rows inside the (H, T) buffer of the dense-runs layout
+    (run after run, each in the dense kernel's own order; only this module's backward reads it)."""
+    return lse.view(-1)[heads * start:heads * (start + length * count)].view(count * heads, length)
+
+
+def _attention_varlen_impl(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float, allow_tf32: bool,
+                           runs: Optional[List[int]] = None) -> Tuple[Tensor, Tensor]:
     T, _, H, d = qkv.shape
     if not C.use_triton(qkv):
         out, lse = qkv.new_empty((T, H, d)), qkv.new_empty((H, T), dtype=C.accumulator_dtype(qkv.dtype))
-        for start, length, count in _runs_of(cu_seqlens):
+        for start, length, count in _runs_of(cu_seqlens, runs):
             q, k, v = (_run_heads(qkv[:, i], start, length, count) for i in range(3))
             run_out, run_lse, _ = _eager_forward(q, k, v, None, scale, 0)
             _run_heads(out, start, length, count).copy_(run_out)
             lse[:, start:start + length * count] = run_lse.view(count, H, length).transpose(0, 1).reshape(H, -1)
         return out, lse
-    q, k, v = _unit_stride(qkv)[None].unbind(2)  # (1, T, H, d) views
+    qkv = _unit_stride(qkv)
+    dense = _dense_runs(cu_seqlens, runs)
+    if dense is not None:
+        out = _new_grad(qkv[:, 0])
+        lse = qkv.new_empty((H, T), dtype=C.accumulator_dtype(qkv.dtype))
+        for start, length, count in dense:
+            q, k, v = _run_tokens(qkv, start, length, count).unbind(2)  # (count, length, H, d) views
+            _kernels().attention_fwd(q, k, v, scale=scale, allow_tf32=allow_tf32, heads_last=True,
+                                     out=_run_tokens(out, start, length, count),
+                                     lse=_run_lse(lse, H, start, length, count))
+        return out, lse
+    q, k, v = qkv[None].unbind(2)  # (1, T, H, d) views
     out, lse, _ = _kernels().attention_fwd(q, k, v, scale=scale, allow_tf32=allow_tf32, heads_last=True,
                                            cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
     return out[0], lse
 
 
-def _attention_varlen_fake(qkv, cu_seqlens, max_seqlen, scale, allow_tf32):
+def _attention_varlen_fake(qkv, cu_seqlens, max_seqlen, scale, allow_tf32, runs=None):
     T, _, H, d = qkv.shape
     return qkv.new_empty((T, H, d)), qkv.new_empty((H, T), dtype=C.accumulator_dtype(qkv.dtype))
 
 
 def _attention_varlen_backward_impl(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, cu_seqlens: Tensor,
-                                    max_seqlen: int, scale: float, allow_tf32: bool) -> Tensor:
+                                    max_seqlen: int, scale: float, allow_tf32: bool,
+                                    runs: Optional[List[int]] = None) -> Tensor:
     T, _, H, d = qkv.shape
     if not C.use_triton(qkv):
         dqkv = qkv.new_empty(qkv.shape)
-        for start, length, count in _runs_of(cu_seqlens):
+        for start, length, count in _runs_of(cu_seqlens, runs):
             q, k, v = (_run_heads(qkv[:, i], start, length, count) for i in range(3))
             run_lse = lse[:, start:start + length * count].reshape(H, count, length).transpose(0, 1)
             grads = _eager_backward(_run_heads(dout, start, length, count), q, k, v,
@@ -403,21 +448,29 @@ def _attention_varlen_backward_impl(dout: Tensor, qkv: Tensor, out: Tensor, lse:
             for i, g in enumerate(grads):
                 _run_heads(dqkv[:, i], start, length, count).copy_(g)
         return dqkv
+    qkv, dout = _unit_stride(qkv), _unit_stride(dout)
     dqkv = _new_grad(qkv)
-    _kernels().attention_bwd(_unit_stride(dout)[None], *_unit_stride(qkv)[None].unbind(2), out[None], lse,
+    dense = _dense_runs(cu_seqlens, runs)
+    if dense is not None:
+        for start, length, count in dense:
+            run = lambda t: _run_tokens(t, start, length, count)  # noqa: E731
+            _kernels().attention_bwd(run(dout), *run(qkv).unbind(2), run(out), _run_lse(lse, H, start, length, count),
+                                     *run(dqkv).unbind(2), scale=scale, allow_tf32=allow_tf32, heads_last=True)
+        return dqkv
+    _kernels().attention_bwd(dout[None], *qkv[None].unbind(2), out[None], lse,
                              *dqkv[None].unbind(2), scale=scale, allow_tf32=allow_tf32, heads_last=True,
                              cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
     return dqkv
 
 
-def _attention_varlen_backward_fake(dout, qkv, out, lse, cu_seqlens, max_seqlen, scale, allow_tf32):
+def _attention_varlen_backward_fake(dout, qkv, out, lse, cu_seqlens, max_seqlen, scale, allow_tf32, runs=None):
     return qkv.new_empty(qkv.shape)
 
 
 def _setup_attention_varlen(ctx, inputs, output):
-    qkv, cu_seqlens, max_seqlen, scale, allow_tf32 = inputs
+    qkv, cu_seqlens, max_seqlen, scale, allow_tf32, runs = inputs
     out, lse = output
-    ctx.max_seqlen, ctx.scale, ctx.allow_tf32 = max_seqlen, scale, allow_tf32
+    ctx.max_seqlen, ctx.scale, ctx.allow_tf32, ctx.runs = max_seqlen, scale, allow_tf32, runs
     ctx.save_for_backward(qkv, cu_seqlens, out, lse)
     ctx.mark_non_differentiable(lse)
 
@@ -425,8 +478,8 @@ def _setup_attention_varlen(ctx, inputs, output):
 def _attention_varlen_backward(ctx, dout, _dlse):
     qkv, cu_seqlens, out, lse = ctx.saved_tensors
     dqkv = call("attention_varlen_backward", dout, qkv, out, lse, cu_seqlens, ctx.max_seqlen, ctx.scale,
-                ctx.allow_tf32)
-    return dqkv, None, None, None, None
+                ctx.allow_tf32, ctx.runs)
+    return dqkv, None, None, None, None, None
 
 
 define("attention_varlen_backward", _attention_varlen_backward_impl, _attention_varlen_backward_fake)
@@ -452,7 +505,7 @@ def attention_varlen(qkv: Tensor, segments: Segments, *, scale: Optional[float] 
     if varlen_decline(qkv, scale) is not None:
         return _eager_varlen(qkv, segments, scale)
     cu_seqlens = segments.cu_seqlens.to(qkv.device)
-    out, _ = call("attention_varlen", qkv, cu_seqlens, segments.max_length, scale, _allow_tf32())
+    out, _ = call("attention_varlen", qkv, cu_seqlens, segments.max_length, scale, _allow_tf32(), segments.run_list)
     return out
 
 

@@ -1,4 +1,4 @@
-"""Rules for timm vision transformers: Block, Attention, Mlp, LayerNorm, GELU, Softmax.
+"""Rules for timm vision transformers: blocks, Block, Attention, Mlp, LayerNorm, GELU, Softmax, PatchEmbed.
 
 Modules are recognised by structure (the children and attributes the fused module
 reads) and by running timm's own forward, so subclasses that keep the forward are
@@ -9,7 +9,7 @@ from typing import Callable, Tuple
 
 from torch import nn
 
-from fastvision.modules import GELU, LayerNorm, Softmax
+from fastvision.modules import GELU, LayerNorm, PatchConv2d, Softmax
 from fastvision.modules import transformer
 from fastvision.ops.attention import MAX_HEAD_DIM
 from .rules import Rule
@@ -131,6 +131,19 @@ def _build_block_sequence(m: nn.Sequential, options):
     return transformer.Blocks(OrderedDict(m.named_children()))
 
 
+# --- patch embedding -------------------------------------------------------------------------
+
+def _is_patch_embed(m: nn.Module) -> bool:
+    return (_runs_forward_of(m, _timm_forwards("timm.layers.patch_embed:PatchEmbed"))
+            and type(getattr(m, "proj", None)) is nn.Conv2d)
+
+
+def _build_patch_embed(m: nn.Module, options):
+    proj = PatchConv2d.from_module(m.proj)
+    reason = proj.why_not_module()
+    return {"proj": proj} if reason is None else f"proj is not a patchify convolution: {reason}"
+
+
 # --- Attention -------------------------------------------------------------------------------
 
 def _is_attention(m: nn.Module) -> bool:
@@ -151,6 +164,7 @@ def _build_attention(m: nn.Module, options):
 
 
 RULES = [
+    Rule("vit.patch_embed", "patch_embed", _is_patch_embed, _build_patch_embed, slots=True),
     Rule("vit.blocks", "fuse_residual_norm", _is_block_sequence, _build_block_sequence),
     Rule("vit.block", "fuse_residual_norm", _is_block, _build_block),
     Rule("vit.attention", "attention", _is_attention, _build_attention),
