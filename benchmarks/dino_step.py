@@ -29,23 +29,26 @@ import torch
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # compiled last; fastvision+compile keeps only the fused attention (the default policy, see
 # fastvision/modules/_compiled.py), fastvision+compile-all keeps every fused op. "+graph" (any variant):
-# DINOStep(cuda_graph=True), the forward/backward replayed from a CUDA graph.
+# DINOStep(cuda_graph=True), the forward/backward replayed from a CUDA graph. "+recompute" (fastvision):
+# patch(mlp_recompute=True), the MLPs' GELU outputs recomputed in the backward instead of kept.
 VARIANTS = ("eager", "fastvision", "fastvision+packing", "compile", "fastvision+compile", "fastvision+compile-all")
 GRAPH_VARIANTS = ("eager+graph", "fastvision+graph", "fastvision+packing+graph", "compile+graph",
                   "fastvision+compile+graph")
-OPTIONS = ("packing", "compile", "compile-all", "graph")
+OPTIONS = ("packing", "compile", "compile-all", "graph", "recompute")
 
 
 def parse_variant(name: str) -> Dict[str, object]:
-    """"fastvision+packing+graph" → {patched, packing, compile (None, "" or "all"), graph}."""
+    """"fastvision+packing+graph" → {patched, packing, compile (None, "" or "all"), graph, recompute}."""
     base, *options = name.split("+")
     bad = [o for o in options if o not in OPTIONS] + ([base] if base not in ("eager", "fastvision", "compile") else [])
     patched = base == "fastvision"
-    if bad or (not patched and ({"packing", "compile-all"} & set(options))) or len(set(options)) != len(options):
+    if (bad or (not patched and ({"packing", "compile-all", "recompute"} & set(options)))
+            or len(set(options)) != len(options)):
         raise ValueError(f"unknown variant {name!r}: eager, fastvision or compile, then any of +{', +'.join(OPTIONS)} "
-                         "(packing and compile-all need fastvision)")
+                         "(packing, compile-all and recompute need fastvision)")
     compile_ops = "all" if "compile-all" in options else "" if base == "compile" or "compile" in options else None
-    return {"patched": patched, "packing": "packing" in options, "compile": compile_ops, "graph": "graph" in options}
+    return {"patched": patched, "packing": "packing" in options, "compile": compile_ops, "graph": "graph" in options,
+            "recompute": "recompute" in options}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -134,8 +137,8 @@ def build_step(variant: str, args, device):
     if options["patched"]:
         import fastvision
 
-        fastvision.patch(student)
-        fastvision.patch(teacher)
+        fastvision.patch(student, mlp_recompute=options["recompute"])
+        fastvision.patch(teacher, mlp_recompute=options["recompute"])
     student.packed = teacher.packed = options["packing"]  # True: an error says why it cannot pack
     if options["compile"] is not None:
         from fastvision.modules import set_compile_ops

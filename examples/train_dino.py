@@ -84,6 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     s = p.add_argument_group("speed")
     s.add_argument("--fastvision", action=argparse.BooleanOptionalAction, default=True,
                    help="patch student and teacher with fastvision's fused modules")
+    s.add_argument("--mlp-recompute", action="store_true",
+                   help="with --fastvision: recompute the MLPs' GELU outputs in the backward (less activation memory)")
     s.add_argument("--compile", action="store_true", help="torch.compile the backbones")
     s.add_argument("--cuda-graph", action="store_true",
                    help="replay each step's forward/backward from a CUDA graph (one GPU; new crop shapes capture again)")
@@ -257,8 +259,8 @@ def build_models(args):
         teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
     student, teacher = student.to(args.device), teacher.to(args.device)
     if args.fastvision:
-        fastvision.patch(student)
-        fastvision.patch(teacher)
+        fastvision.patch(student, mlp_recompute=args.mlp_recompute)
+        fastvision.patch(teacher, mlp_recompute=args.mlp_recompute)
         counts = fastvision.patch_report(student).counts()
         log(args, "fastvision.patch:", ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())) or "nothing")
     if args.compile:

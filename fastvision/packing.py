@@ -122,6 +122,12 @@ def _run_blocks(vit: nn.Module, x: torch.Tensor, segments: "ops.Segments") -> to
     return x
 
 
+def _pools_first_token(vit: nn.Module) -> bool:
+    """timm's 'token' pooling (the CLS token, no attention pool) after a per-token final norm."""
+    return (getattr(vit, "global_pool", None) == "token" and getattr(vit, "attn_pool", None) is None
+            and isinstance(vit.norm, (nn.LayerNorm, nn.Identity)))
+
+
 def packed_features(vit: nn.Module, groups: Sequence[torch.Tensor], *, pre_logits: bool = True) -> torch.Tensor:
     """Pooled features of every image in ``groups`` (tensors (n_i, 3, H_i, W_i)), rows in input order.
 
@@ -137,9 +143,15 @@ def packed_features(vit: nn.Module, groups: Sequence[torch.Tensor], *, pre_logit
         dtype = torch.promote_types(dtype, x.dtype)
     lengths: List[int] = [x.shape[1] for x in embedded for _ in range(x.shape[0])]
     stream = torch.cat([x.to(dtype).reshape(-1, x.shape[-1]) for x in embedded]).unsqueeze(0)
-    stream = vit.norm(_run_blocks(vit, stream, segments_for(tuple(lengths), stream.device)))
+    segments = segments_for(tuple(lengths), stream.device)
+    stream = _run_blocks(vit, stream, segments)
+    if _pools_first_token(vit):
+        # Only each sequence's first token is read, and the final norm acts per token: normalise those alone.
+        first_tokens = vit.norm(stream.index_select(1, segments.first_tokens))  # (1, images, C)
+        return vit.forward_head(first_tokens.transpose(0, 1), pre_logits=pre_logits)
+    stream = vit.norm(stream)
     # Back to (n_i, L_i, C) per resolution: timm's own pooling (token, avg, map, ...) then applies as is.
     sizes = [x.shape[0] * x.shape[1] for x in embedded]
-    per_group = stream[0].split(sizes)
+    per_group = stream.squeeze(0).split(sizes)  # squeeze: no zero-filled stream-sized gradient, as [0] gives
     return torch.cat([vit.forward_head(tokens.view(x.shape[0], x.shape[1], -1), pre_logits=pre_logits)
                       for tokens, x in zip(per_group, embedded)])

@@ -211,12 +211,15 @@ def test_verify_models_smoke(tmp_path):
 
 def test_dino_step_variant_names():
     parse = dino_step.parse_variant
-    assert parse("eager") == {"patched": False, "packing": False, "compile": None, "graph": False}
-    assert parse("fastvision+packing+graph") == {"patched": True, "packing": True, "compile": None, "graph": True}
+    assert parse("eager") == {"patched": False, "packing": False, "compile": None, "graph": False, "recompute": False}
+    assert parse("fastvision+packing+graph") == {"patched": True, "packing": True, "compile": None, "graph": True,
+                                                 "recompute": False}
+    assert parse("fastvision+packing+graph+recompute")["recompute"]
     assert parse("compile+graph")["compile"] == "" and parse("fastvision+compile-all")["compile"] == "all"
     for name in dino_step.VARIANTS + dino_step.GRAPH_VARIANTS:
         parse(name)
-    for bad in ("eager+packing", "compile+compile-all", "fastvision+graph+graph", "fast", "fastvision+fused"):
+    for bad in ("eager+packing", "compile+compile-all", "fastvision+graph+graph", "fast", "fastvision+fused",
+                "eager+recompute"):
         with pytest.raises(ValueError, match="unknown variant"):
             parse(bad)
 

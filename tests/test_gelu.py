@@ -98,3 +98,47 @@ def test_bias_gelu_reads_row_strided_slices_in_place(device):
     assert not x.is_contiguous() and x.stride(1) == 1
     check_against_float64(lambda x, b: fastvision.ops.bias_gelu(x, b), lambda x, b: reference_gelu(x + b),
                           (x, b), randn(37, 64, device=device), torch.float32, ("x", "bias"))
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("approximate", APPROX)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16), ids=str)
+@pytest.mark.parametrize("with_linear_bias", (True, False), ids=("fc2-bias", "no-fc2-bias"))
+def test_bias_gelu_linear_matches_float64(device, approximate, dtype, with_linear_bias):
+    """fc2(gelu(h + b1)) with the GELU output recomputed in the backward: output and every gradient."""
+    h = randn(2, 37, 96, dtype=dtype, device=device, std=2.0, requires_grad=True)
+    b1 = randn(96, dtype=dtype, device=device, requires_grad=True)
+    w2 = randn(24, 96, dtype=dtype, device=device, std=0.1, requires_grad=True)
+    b2 = randn(24, dtype=dtype, device=device, requires_grad=True) if with_linear_bias else None
+
+    def fused(h, b1, w2, b2):
+        return fastvision.ops.bias_gelu_linear(h, b1, w2, b2, approximate)
+
+    def ref(h, b1, w2, b2):
+        return torch.nn.functional.linear(reference_gelu(h + b1, approximate), w2, b2)
+
+    check_against_float64(fused, ref, (h, b1, w2, b2), randn(2, 37, 24, dtype=dtype, device=device), dtype,
+                          ("h", "bias", "weight", "linear_bias"))
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_bias_gelu_linear_keeps_only_its_input(device):
+    """The saved tensors: h, the bias and the weight, not the GELU output (as large as h)."""
+    h = randn(64, 384, device=device, requires_grad=True)
+    b1, w2 = randn(384, device=device, requires_grad=True), randn(96, 384, device=device, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fastvision.ops.bias_gelu_linear(h, b1, w2)
+    assert sorted(saved) == sorted([h.numel(), b1.numel(), w2.numel()])
+
+
+def test_bias_gelu_linear_bad_input_names_the_argument():
+    with pytest.raises(ValueError, match="weight"):
+        fastvision.ops.bias_gelu_linear(torch.randn(3, 8), torch.randn(8), torch.randn(4, 7))
+    with pytest.raises(ValueError, match="bias"):
+        fastvision.ops.bias_gelu_linear(torch.randn(3, 8), torch.randn(7), torch.randn(4, 8))

@@ -167,6 +167,35 @@ def test_run_blocks_fuses_each_mlp_add_into_the_next_norm(device, train, monkeyp
 
 
 @pytest.mark.parametrize("device", kernel_devices())
+def test_mlp_recompute_same_gradients_fewer_saved_bytes(device):
+    """patch(mlp_recompute=True): the same outputs and gradients as the default patch, and the GELU
+    outputs (one hidden-sized tensor per block) are no longer kept for the backward."""
+    model = make_vit("vit_small_patch16_224").to(device).train()
+    default = fastvision.patch(copy.deepcopy(model))
+    recompute = fastvision.patch(copy.deepcopy(model), mlp_recompute=True)
+    assert all(b.mlp.recompute_activation for b in recompute.blocks)
+    x = images(model).to(device)
+    results = []
+    for patched in (default, recompute):
+        saved = []
+
+        def pack(t, saved=saved):
+            saved.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = patched(x)
+        out.square().sum().backward()
+        results.append((out, {n: p.grad for n, p in patched.named_parameters()}, sum(saved)))
+    (out, grads, saved_default), (out_r, grads_r, saved_recompute) = results
+    assert_close(out_r, out, torch.float32)
+    for name, g in grads.items():
+        assert_close(grads_r[name], g, torch.float32, name=f"grad of {name}")
+    hidden = x.shape[0] * (model.patch_embed.num_patches + 1) * model.blocks[0].mlp.fc1.out_features * 4
+    assert saved_default - saved_recompute == len(model.blocks) * hidden
+
+
+@pytest.mark.parametrize("device", kernel_devices())
 def test_patched_model_compiles_fullgraph(device):
     torch._dynamo.reset()
     model = make_vit("vit_tiny_patch16_224").to(device).eval()

@@ -25,7 +25,7 @@ def train(output_dir, *extra):
 
 
 def test_train_checkpoint_resume_and_knn(tmp_path):
-    out = train(tmp_path, "--epochs", "2")
+    out = train(tmp_path, "--epochs", "2", "--mlp-recompute")
     checkpoint = tmp_path / "checkpoint.pth"
     assert checkpoint.exists()
     assert "fastvision.patch:" in out and "vit.attention" in out

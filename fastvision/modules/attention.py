@@ -64,7 +64,8 @@ class Attention(nn.Module):
             raise NotImplementedError("attention dropout is not supported on packed sequences")
         if self.attention_rows:
             raise NotImplementedError("attention rows are not recorded for packed sequences")
-        return ops.attention_varlen(qkv[0], segments, scale=self.scale).unsqueeze(0), None
+        # squeeze, not qkv[0]: select's backward would zero-fill and copy a qkv-sized gradient per block
+        return ops.attention_varlen(qkv.squeeze(0), segments, scale=self.scale).unsqueeze(0), None
 
     def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False):
         """``attn_mask`` may also be a ``fastvision.ops.Segments``: x then holds packed sequences, (1, T, C)."""

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastvision import ops
+from fastvision.modules._compiled import fused
 from fastvision.modules.gelu import GELU
 from fastvision.modules.layer_norm import LayerNorm
 
@@ -157,25 +158,41 @@ def _linear_input_dtype(x: torch.Tensor, consumer: nn.Module, linear_name: str) 
 
 
 class Mlp(nn.Module):
-    """timm Mlp with fc1's bias add fused into the GELU (and, in backward, dbias into GELU's backward)."""
+    """timm Mlp with fc1's bias add fused into the GELU (and, in backward, dbias into GELU's backward).
 
-    def __init__(self, mlp: nn.Module):
+    ``recompute_activation`` (off by default; ``fastvision.patch(..., mlp_recompute=True)``): fc2 does
+    not keep the GELU output for its backward, which recomputes it from fc1's output instead
+    (``ops.bias_gelu_linear``): the MLP saves half the activations for one more bias+GELU pass.
+    """
+
+    def __init__(self, mlp: nn.Module, recompute_activation: bool = False):
         super().__init__()
         _adopt(self, mlp, MLP_CHILDREN)
+        self.recompute_activation = recompute_activation
+
+    def _compute_dtype(self) -> Optional[torch.dtype]:
+        device = self.fc1.weight.device.type
+        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
     def _fused_bias(self) -> Optional[torch.Tensor]:
         if not isinstance(self.act, GELU) or self.fc1.bias is None:
             return None
-        bias = self.fc1.bias
-        device = bias.device.type
-        if torch.is_autocast_enabled(device):
-            bias = bias.to(torch.get_autocast_dtype(device))  # eager linear adds it in that dtype
-        return bias
+        dtype = self._compute_dtype()
+        return self.fc1.bias if dtype is None else self.fc1.bias.to(dtype)  # eager linear adds it in that dtype
+
+    def _recomputes(self, bias: Optional[torch.Tensor]) -> bool:
+        return (self.recompute_activation and bias is not None and fused("gelu") and isinstance(self.norm, nn.Identity)
+                and (not self.training or getattr(self.drop1, "p", 0.0) == 0.0) and isinstance(self.fc2, nn.Linear))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self._fused_bias()
         if bias is None:
             x = self.act(self.fc1(x))
+        elif self._recomputes(bias):
+            dtype = self._compute_dtype()
+            weight, fc2_bias = (t if t is None or dtype is None else t.to(dtype) for t in (self.fc2.weight, self.fc2.bias))
+            return self.drop2(ops.bias_gelu_linear(F.linear(x, self.fc1.weight), bias, weight, fc2_bias,
+                                                   self.act.approximate))
         else:
             x = self.act.forward_bias(F.linear(x, self.fc1.weight), bias)
         return self.drop2(self.fc2(self.norm(self.drop1(x))))

@@ -333,12 +333,14 @@ class Segments:
     device_lengths: Tensor = field(init=False, compare=False, repr=False)  # on the offsets' device
     # [length, count, length, count, ...] of the runs of equal consecutive lengths (an op argument)
     run_list: List[int] = field(init=False, compare=False, repr=False)
+    first_tokens: Tensor = field(init=False, compare=False, repr=False)  # int64 start of each sequence
 
     def __post_init__(self):
         object.__setattr__(self, "total", sum(self.lengths))
         object.__setattr__(self, "max_length", max(self.lengths))
         object.__setattr__(self, "device_lengths", self.cu_seqlens.diff())
         object.__setattr__(self, "run_list", [n for _, length, count in self.runs() for n in (length, count)])
+        object.__setattr__(self, "first_tokens", self.cu_seqlens[:-1].long())
 
     def runs(self):
         """(start token, length, count) of each run of equal consecutive lengths."""

@@ -114,8 +114,7 @@ def gelu(x: Tensor, approximate: str = "none") -> Tensor:
     return call("gelu", x, approximate)
 
 
-def bias_gelu(x: Tensor, bias: Tensor, approximate: str = "none") -> Tensor:
-    """F.gelu(x + bias) in one pass; bias has the size of x's last dimension."""
+def _check_bias_gelu(x: Tensor, bias: Tensor, approximate: str) -> None:
     C.check_floating("input", x)
     C.check_floating("bias", bias)
     _check_approximate(approximate)
@@ -123,7 +122,53 @@ def bias_gelu(x: Tensor, bias: Tensor, approximate: str = "none") -> Tensor:
         raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({x.shape[-1] if x.dim() else '?'},) "
                          f"to match the input's last dimension")
     C.check_same_device(input=x, bias=bias)
+
+
+def bias_gelu(x: Tensor, bias: Tensor, approximate: str = "none") -> Tensor:
+    """F.gelu(x + bias) in one pass; bias has the size of x's last dimension."""
+    _check_bias_gelu(x, bias, approximate)
     dtype = torch.promote_types(x.dtype, bias.dtype)
     if gelu_decline(x, bias) is not None or x.dtype != dtype:
         return F.gelu(x + bias, approximate=approximate)
     return call("bias_gelu", x, bias, approximate)
+
+
+class _BiasGeluLinear(torch.autograd.Function):
+    """F.linear(gelu(a + b1), w2, b2), saving a but not gelu(a + b1): the backward recomputes it."""
+
+    @staticmethod
+    def forward(ctx, a, b1, w2, b2, approximate):
+        ctx.approximate = approximate
+        ctx.has_b2 = b2 is not None
+        ctx.save_for_backward(a, b1, w2)
+        return F.linear(bias_gelu(a, b1, approximate), w2, b2)
+
+    @staticmethod
+    def backward(ctx, dy):
+        a, b1, w2 = ctx.saved_tensors
+        g = call("bias_gelu", a, b1, ctx.approximate)
+        dy_rows, g_rows = dy.reshape(-1, dy.shape[-1]), g.reshape(-1, g.shape[-1])
+        dw2 = dy_rows.t().mm(g_rows) if ctx.needs_input_grad[2] else None
+        db2 = dy_rows.sum(0) if ctx.has_b2 and ctx.needs_input_grad[3] else None
+        da, db1 = call("bias_gelu_backward", dy.matmul(w2), a, b1, ctx.approximate)
+        return da, db1.to(b1.dtype), dw2, db2, None
+
+
+def bias_gelu_linear(x: Tensor, bias: Tensor, weight: Tensor, linear_bias: Optional[Tensor] = None,
+                     approximate: str = "none") -> Tensor:
+    """F.linear(F.gelu(x + bias), weight, linear_bias), keeping only x for the backward.
+
+    A transformer MLP's fc2 saves its input, the GELU output, as large as x: here the backward
+    recomputes it from x (one more bias+GELU pass) instead, which halves the MLP's saved
+    activations. The tensors share one dtype (cast them first under autocast); where the fused
+    bias+GELU declines, or the dtypes differ, the plain composition runs.
+    """
+    _check_bias_gelu(x, bias, approximate)
+    C.check_floating("weight", weight)
+    C.check_floating("linear_bias", linear_bias)
+    if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"weight has shape {tuple(weight.shape)}, expected (out_features, {x.shape[-1]})")
+    dtypes = {t.dtype for t in (x, bias, weight, linear_bias) if t is not None}
+    if len(dtypes) != 1 or gelu_decline(x, bias) is not None:
+        return F.linear(bias_gelu(x, bias, approximate), weight, linear_bias)
+    return _BiasGeluLinear.apply(x, bias, weight, linear_bias, approximate)

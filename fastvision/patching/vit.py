@@ -100,7 +100,7 @@ def _build_mlp(m: nn.Module, options):
         return f"activation {type(m.act).__name__} is not GELU"
     if m.fc1.bias is None:
         return "fc1 has no bias to fuse"
-    return transformer.Mlp(m)
+    return transformer.Mlp(m, recompute_activation=options.get("mlp_recompute", False))
 
 
 # --- Block -----------------------------------------------------------------------------------
