@@ -47,11 +47,12 @@ def release_generator_from_capture() -> None:
 
 
 class CapturedCall:
-    """fn() run eagerly ``warmup_steps`` times (on a side stream: lazy initialisation, kernel tuning,
-    torch.compile), then captured into a CUDA graph and replayed on every later call.
+    """fn() run eagerly ``warmup_steps`` (at least 1) times (on a side stream: lazy initialisation,
+    kernel tuning, torch.compile), then captured into a CUDA graph and replayed on every later call.
 
     Returns fn's output; after the capture that is the graph's own output, overwritten by the next
-    replay (clone what you keep). A capture that fails raises CaptureError (later calls try again). ``grad_params``: parameters whose gradients fn computes
+    replay (clone what you keep). A capture that fails raises CaptureError (later calls try again).
+    ``grad_params``: parameters whose gradients fn computes
     (fn sets them to None first, e.g. with ``optimizer.zero_grad(set_to_none=True)``); the graph owns
     those gradient tensors, and they are attached to ``.grad`` again after each replay, so code that
     drops a gradient between steps (a frozen layer, ``zero_grad``) does not detach it for good.

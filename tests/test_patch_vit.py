@@ -149,7 +149,8 @@ def test_run_blocks_fuses_each_mlp_add_into_the_next_norm(device, train, monkeyp
     patched = fastvision.patch(copy.deepcopy(model)).train(train)
     fused_adds = []
     forward_add = LayerNorm.forward_add
-    monkeypatch.setattr(LayerNorm, "forward_add", lambda self, *a, **k: fused_adds.append(1) or forward_add(self, *a, **k))
+    monkeypatch.setattr(LayerNorm, "forward_add",
+                        lambda self, *a, **k: fused_adds.append(1) or forward_add(self, *a, **k))
     tokens = torch.randn(2, 5, 384, device=device, requires_grad=True)
     ref_tokens = tokens.detach().clone().requires_grad_()
     dy = torch.randn(2, 5, 384, device=device)

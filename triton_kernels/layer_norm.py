@@ -298,7 +298,8 @@ def layer_norm_fwd(x, weight, bias, eps, residual=None, out_dtype=None, residual
     layer_norm_fwd_kernel[(cdiv(M, meta["ROWS"]),)](
         x, residual, residual_scale, h, y, weight, bias, mean, rstd,
         stride_x, stride_r, N, N, M, eps, N,
-        HAS_RESIDUAL=residual is not None, HAS_RESIDUAL_SCALE=residual_scale is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, **meta,
+        HAS_RESIDUAL=residual is not None, HAS_RESIDUAL_SCALE=residual_scale is not None,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, **meta,
     )
     return y, h, mean, rstd
 

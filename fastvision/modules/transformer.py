@@ -58,7 +58,8 @@ class Block(nn.Module):
         a, scale = self._branch(self.drop_path1, self.ls1(self.attn(y, attn_mask=attn_mask, is_causal=is_causal)),
                                 x, attn_mask)
         if self.fuse_residual_norm and isinstance(self.norm2, LayerNorm):
-            y, x = self.norm2.forward_add(x, a, out_dtype=_linear_input_dtype(x, self.mlp, "fc1"), residual_scale=scale)
+            y, x = self.norm2.forward_add(x, a, out_dtype=_linear_input_dtype(x, self.mlp, "fc1"),
+                                          residual_scale=scale)
         else:
             x = finish_residual(x, (a, scale))
             y = self.norm2(x)
@@ -190,7 +191,8 @@ class Mlp(nn.Module):
             x = self.act(self.fc1(x))
         elif self._recomputes(bias):
             dtype = self._compute_dtype()
-            weight, fc2_bias = (t if t is None or dtype is None else t.to(dtype) for t in (self.fc2.weight, self.fc2.bias))
+            weight, fc2_bias = (t if t is None or dtype is None else t.to(dtype)
+                                for t in (self.fc2.weight, self.fc2.bias))
             return self.drop2(ops.bias_gelu_linear(F.linear(x, self.fc1.weight), bias, weight, fc2_bias,
                                                    self.act.approximate))
         else:
