@@ -352,3 +352,13 @@ def test_candidates_fit_shared_memory_for_every_dtype_and_head_dim():
                     fits = [kernels.shared_memory_estimate(kernel, c, d_pad, element_bytes)
                             <= kernels.SHARED_MEMORY_BUDGET for c in configs]
                     assert all(fits) or configs == [kernels.SMALLEST_CONFIG]
+
+
+def test_each_vit_sequence_length_tunes_on_its_own():
+    """145 and 197 tokens (96 px at patch 8, 224 px at patch 16) fill 256-row tiles very differently."""
+    from fastvision.triton_kernels import attention as kernels
+
+    lengths = (37, 145, 197, 257, 577, 785)
+    assert len({kernels.tuning_class(n) for n in lengths}) == len(lengths)
+    assert kernels.tuning_class(2000) == kernels.tuning_class(2048) == 2048
+    assert kernels.tuning_class(3137) == kernels.tuning_class(100000) == 4096
