@@ -88,7 +88,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="with --fastvision: recompute the MLPs' GELU outputs in the backward (less activation memory)")
     s.add_argument("--compile", action="store_true", help="torch.compile the backbones")
     s.add_argument("--cuda-graph", action="store_true",
-                   help="replay each step's forward/backward from a CUDA graph (one GPU; new crop shapes capture again)")
+                   help="replay each step's forward/backward from a CUDA graph (new crop shapes capture again; "
+                        "under torchrun the gradients are all-reduced after each replay)")
     s.add_argument("--amp", choices=("bf16", "none"), default=None, help="default: bf16 on CUDA, none on CPU")
     k = p.add_argument_group("k-NN evaluation")
     k.add_argument("--knn-k", type=int, default=20)

@@ -170,6 +170,10 @@ class DINOLoss(nn.Module):
         self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
+        # Set by GraphedForwardBackward under torch.distributed: update_center only sums the batch into
+        # pending_center_sum, and the all-reduce and EMA (apply_center_update) run after the graph replay.
+        self.defer_center_update = False
+        self.pending_center_sum: Optional[Tuple[torch.Tensor, int]] = None
         self.teacher_temp_schedule = teacher_temperature_schedule(
             warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs)
 
@@ -213,7 +217,14 @@ class DINOLoss(nn.Module):
     def update_center(self, teacher_output: torch.Tensor) -> None:
         # Summed in the centre's dtype as it is read: no float32 copy of the teacher output.
         batch_sum = teacher_output.sum(dim=0, keepdim=True, dtype=self.center.dtype)
-        rows = teacher_output.shape[0]
+        if self.defer_center_update:
+            self.pending_center_sum = (batch_sum, teacher_output.shape[0])
+            return
+        self.apply_center_update(batch_sum, teacher_output.shape[0])
+
+    @torch.no_grad()
+    def apply_center_update(self, batch_sum: torch.Tensor, rows: int) -> None:
+        """centre ← m·centre + (1 - m)·(batch_sum summed over processes) / (rows × processes)."""
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(batch_sum)
             rows *= dist.get_world_size()
@@ -386,11 +397,40 @@ def why_not_graphed(student: nn.Module, crops: Sequence[torch.Tensor]) -> Option
     """Why a DINO step cannot replay its forward and backward from a CUDA graph (None when it can)."""
     if not crops or any(c.device.type != "cuda" for c in crops):
         return "CUDA graphs need the crops on a CUDA device"
-    if isinstance(student, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        return "a (Distributed)DataParallel student reduces gradients outside the graph"
+    if isinstance(student, nn.DataParallel):
+        return "a DataParallel student replicates the model on every call"
     if torch.is_autocast_enabled("cuda"):
         return "an outer torch.autocast block: pass autocast_dtype to DINOStep instead"
     return None
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+class FlatGradients:
+    """Parameters' gradients as views into one buffer per dtype, so that all of them are averaged
+    over processes by one all-reduce per buffer (what DDP's buckets do, here after the backward)."""
+
+    def __init__(self, params: Sequence[nn.Parameter]):
+        self.buffers: List[torch.Tensor] = []
+        by_dtype = {}
+        for p in params:
+            by_dtype.setdefault((p.dtype, p.device), []).append(p)
+        for (dtype, device), group in by_dtype.items():
+            buffer = torch.zeros(sum(p.numel() for p in group), dtype=dtype, device=device)
+            offset = 0
+            for p in group:
+                p.grad = buffer[offset:offset + p.numel()].view_as(p)
+                offset += p.numel()
+            self.buffers.append(buffer)
+
+    @torch.no_grad()
+    def all_reduce_mean(self, group=None) -> None:
+        world = dist.get_world_size(group)
+        for buffer in self.buffers:
+            dist.all_reduce(buffer, group=group)
+            buffer.div_(world)
 
 
 class GraphedForwardBackward:
@@ -404,34 +444,61 @@ class GraphedForwardBackward:
     stay outside the graph, so learning-rate, weight-decay and momentum schedules (Python numbers)
     apply as usual; parameters are updated in place and the graph reads them on its next replay.
     Drop path draws fresh random numbers on each replay (the CUDA generator advances with the graph).
+
+    Under torch.distributed no collective runs inside the graph: the teacher centre's all-reduce and
+    EMA follow each replay, and for a DistributedDataParallel student the graph runs the wrapped
+    module (DDP's hooks stay idle), its gradients live in flat buffers (``FlatGradients``) averaged by
+    one all-reduce each after the replay, and clipping follows that average, as with DDP.
+    ``call_factory`` (default CapturedCall) builds the recorded call from the step function.
     """
 
-    def __init__(self, warmup_steps: int = 2):
+    def __init__(self, warmup_steps: int = 2, call_factory=CapturedCall):
         self.warmup_steps = warmup_steps
+        self.call_factory = call_factory
         self._key = None
         self._call: Optional[CapturedCall] = None
         self._inputs: List[torch.Tensor] = []
+        self._flat_grads: Optional[FlatGradients] = None
 
     @property
     def captured(self) -> bool:
-        return self._call is not None and self._call.captured
+        return self._call is not None and getattr(self._call, "captured", False)
 
     def __call__(self, step: "DINOStep", crops: Sequence[torch.Tensor], epoch: int) -> torch.Tensor:
         crops = list(crops)
+        ddp = isinstance(step.student, nn.parallel.DistributedDataParallel)
         key = (tuple((c.shape, c.dtype, c.device) for c in crops), step.loss_fn.teacher_temp(epoch))
         if key != self._key:
             self._key = key  # a new layout or temperature: warm up and capture again
             self._inputs = [torch.empty_like(c) for c in crops]
-            self._call = CapturedCall(lambda: self._forward_backward(step, epoch), warmup_steps=self.warmup_steps,
-                                      grad_params=step.student.parameters())
+            if ddp and self._flat_grads is None:
+                self._flat_grads = FlatGradients([p for p in step.student.parameters() if p.requires_grad])
+            self._call = self.call_factory(lambda: self._forward_backward(step, epoch, ddp),
+                                           warmup_steps=self.warmup_steps, grad_params=step.student.parameters())
         for static, crop in zip(self._inputs, crops):
             static.copy_(crop, non_blocking=True)
-        return self._call().clone()
+        distributed = _distributed()
+        step.loss_fn.defer_center_update = distributed
+        try:
+            loss = self._call().clone()
+        finally:
+            step.loss_fn.defer_center_update = False
+        if distributed:
+            step.loss_fn.apply_center_update(*step.loss_fn.pending_center_sum)
+        if ddp:
+            self._flat_grads.all_reduce_mean(step.student.process_group)
+            if step.clip_grad:
+                clip_gradients(step.student, step.clip_grad)
+        return loss
 
-    def _forward_backward(self, step: "DINOStep", epoch: int) -> torch.Tensor:
-        step.optimizer.zero_grad(set_to_none=True)  # inside a capture: the graph allocates (and owns) the grads
-        return forward_backward(step.student, step.teacher, step.loss_fn, self._inputs, epoch,
-                                clip_grad=step.clip_grad, autocast_dtype=step.autocast_dtype)
+    def _forward_backward(self, step: "DINOStep", epoch: int, ddp: bool) -> torch.Tensor:
+        if ddp:  # the gradients are views of the flat buffers: zeroed in place, not dropped
+            step.optimizer.zero_grad(set_to_none=False)
+        else:  # inside a capture: the graph allocates (and owns) the gradients
+            step.optimizer.zero_grad(set_to_none=True)
+        student = step.student.module if ddp else step.student
+        return forward_backward(student, step.teacher, step.loss_fn, self._inputs, epoch,
+                                clip_grad=0.0 if ddp else step.clip_grad, autocast_dtype=step.autocast_dtype)
 
 
 class DINOStep:
@@ -478,7 +545,7 @@ class DINOStep:
         return loss
 
 
-__all__ = ["DINOHead", "DINOLoss", "DINOStep", "GraphedForwardBackward", "MultiCropWrapper", "apply_update",
-           "build_backbone", "build_dino", "cancel_gradients_last_layer", "clip_gradients", "cosine_scheduler",
+__all__ = ["DINOHead", "DINOLoss", "DINOStep", "FlatGradients", "GraphedForwardBackward", "MultiCropWrapper",
+           "apply_update", "build_backbone", "build_dino", "cancel_gradients_last_layer", "clip_gradients", "cosine_scheduler",
            "dino_train_step", "dino_vit", "ema_update", "forward_backward", "param_groups", "resolution_groups",
            "teacher_temperature_schedule", "unwrap", "weight_norm_linear", "why_not_graphed"]

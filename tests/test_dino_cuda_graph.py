@@ -130,3 +130,30 @@ def test_failed_capture_warns_once_and_leaves_the_step_eager(monkeypatch):
     ref = run_steps(ref_step, [(0, crops)]), run_steps(ref_step, [(1, crops)])
     for got, want in zip(out, ref[1]):
         assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graph_replays_match_the_ddp_step(tmp_path, monkeypatch):
+    """A DistributedDataParallel student (one NCCL process): the graph runs the wrapped module, the flat
+    gradients and the centre are all-reduced after each replay; the same model as DDP's own step."""
+    import torch.distributed as dist
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        models = []
+        for _ in range(2):
+            student, teacher = tiny_dino(device="cuda")
+            models.append((torch.nn.parallel.DistributedDataParallel(student), teacher))
+        batches = [(1, crops_for(3, "cuda")) for _ in range(5)]
+        graphed = make_step(*models[0], 5, cuda_graph=True)
+        assert graphed.why_not_graphed(batches[0][1]) is None
+        out = run_steps(graphed, batches)
+        assert graphed.graphed and graphed.graph.captured
+        ref = run_steps(make_step(*models[1], 5), batches)
+        for name, got, want in zip(("losses", "student", "teacher", "center"), out, ref):
+            assert_close(got, want, torch.float32, name=name)
+    finally:
+        dist.destroy_process_group()
