@@ -13,9 +13,9 @@
 #   SUITE_STEPS       comma-separated steps to run, in this order (default env,build,new-tests,dino,micro,dino-s8,
 #                     conv-tests,host,resnet,models,tests,verify), e.g. SUITE_STEPS=env,build,new-tests,dino,micro
 #   NEW_TESTS         test files of the new-tests step: code not yet run on a GPU that the benchmarks after it
-#                     rely on (default: CapturedCall and the CUDA-graph DINO step; the kernels' correctness is
-#                     checked by micro on every case it times, their full GPU tests are the tests step)
-#   NEW_TESTS_SECONDS time limit of the new-tests step (default 90)
+#                     rely on (default: the graph step with a DDP student, dense packed attention, pending
+#                     residual adds, mlp_recompute, residual scale, partial sums; see results/h200/NOTES.md)
+#   NEW_TESTS_SECONDS time limit of the new-tests step (default 200)
 #   GPU_TEST_SECONDS  time limit of the GPU test run (default 150)
 #   GPU_TESTS         test paths in the order to run them (default: tests)
 #   MICRO_SECONDS     --max-seconds of the micro benchmark (default 120)
@@ -23,11 +23,11 @@
 #   MODELS_SECONDS    --max-seconds of the model benchmark (default 170)
 #   MODELS_VARIANTS   its variants (default eager,patch,eager+graph,patch+graph,compile,patch+compile: the
 #                     CUDA-graph ones show device time without the host's launch cost)
-#   DINO_ARGS         arguments of the DINO step benchmark (default: batch 64; eager, fastvision+packing and
-#                     compile, each without and with the CUDA-graph step, and fastvision+graph)
+#   DINO_ARGS         arguments of the DINO step benchmark (default: batch 64; eager, fastvision+packing+graph,
+#                     compile, compile+graph, fastvision+packing+graph+recompute, fastvision+packing)
 #   DINO_SECONDS      --max-seconds of the DINO step benchmark (default 150)
-#   DINO_S8_ARGS      the same for ViT-S/8 (default: batch 64; eager, fastvision+packing with and without the
-#                     CUDA-graph step, compile)
+#   DINO_S8_ARGS      the same for ViT-S/8 (default: batch 64; eager, fastvision+packing+graph, compile,
+#                     fastvision+packing+graph+recompute)
 #   PYTHON            interpreter (default: python3, else python)
 set -u
 
@@ -38,14 +38,15 @@ cd "$(dirname "$0")/.."
 
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
 STEPS=",${SUITE_STEPS:-env,build,new-tests,dino,micro,dino-s8,conv-tests,host,resnet,models,tests,verify},"
-NEW_TESTS="${NEW_TESTS:-tests/test_cuda_graphs.py tests/test_dino_cuda_graph.py}"
+NEW_TESTS="${NEW_TESTS:-tests/test_dino_cuda_graph.py tests/test_attention_varlen.py tests/test_packed_multicrop.py
+  tests/test_patch_vit.py tests/test_layer_norm.py tests/test_gelu.py}"
 GPU_TEST_SECONDS="${GPU_TEST_SECONDS:-150}"
 MICRO_SECONDS="${MICRO_SECONDS:-120}"
 MICRO_ARGS="${MICRO_ARGS:---quick}"
 MODELS_SECONDS="${MODELS_SECONDS:-170}"
 MODELS_VARIANTS="${MODELS_VARIANTS:-eager,patch,eager+graph,patch+graph,compile,patch+compile}"
-DINO_ARGS="${DINO_ARGS:---batch 64 --variants eager,fastvision+packing,eager+graph,fastvision+packing+graph,fastvision+graph,compile,compile+graph}"
-DINO_S8_ARGS="${DINO_S8_ARGS:---arch vit_small_patch8_224 --batch 64 --variants eager,fastvision+packing,fastvision+packing+graph,compile}"
+DINO_ARGS="${DINO_ARGS:---batch 64 --variants eager,fastvision+packing+graph,compile,compile+graph,fastvision+packing+graph+recompute,fastvision+packing}"
+DINO_S8_ARGS="${DINO_S8_ARGS:---arch vit_small_patch8_224 --batch 64 --variants eager,fastvision+packing+graph,compile,fastvision+packing+graph+recompute}"
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 export FASTVISION_COMMIT="${FASTVISION_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
 
@@ -111,7 +112,7 @@ fi
 
 if wants new-tests; then  # what changed since the last GPU run, before the benchmarks that rely on it
   # shellcheck disable=SC2086
-  run_step new-tests "${NEW_TESTS_SECONDS:-90}" "$OUT/gpu_tests.log" "$PY" -m pytest $NEW_TESTS -m gpu -q -p no:cacheprovider \
+  run_step new-tests "${NEW_TESTS_SECONDS:-200}" "$OUT/gpu_tests.log" "$PY" -m pytest $NEW_TESTS -m gpu -q -p no:cacheprovider \
     -o faulthandler_timeout=60
   tail -1 "$OUT/gpu_tests.log" | sed 's/^/   new-tests: /'
 fi
