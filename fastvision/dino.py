@@ -414,6 +414,7 @@ class FlatGradients:
 
     def __init__(self, params: Sequence[nn.Parameter]):
         self.buffers: List[torch.Tensor] = []
+        self._views: List[Tuple[nn.Parameter, torch.Tensor]] = []
         by_dtype = {}
         for p in params:
             by_dtype.setdefault((p.dtype, p.device), []).append(p)
@@ -421,9 +422,17 @@ class FlatGradients:
             buffer = torch.zeros(sum(p.numel() for p in group), dtype=dtype, device=device)
             offset = 0
             for p in group:
-                p.grad = buffer[offset:offset + p.numel()].view_as(p)
+                self._views.append((p, buffer[offset:offset + p.numel()].view_as(p)))
                 offset += p.numel()
             self.buffers.append(buffer)
+        self.attach()
+
+    def attach(self) -> None:
+        """Point every parameter's .grad at its view again (code between steps may have dropped it, e.g.
+        the frozen last layer), so that the next backward accumulates into the buffers."""
+        for p, view in self._views:
+            if p.grad is not view:
+                p.grad = view
 
     @torch.no_grad()
     def all_reduce_mean(self, group=None) -> None:
@@ -473,6 +482,8 @@ class GraphedForwardBackward:
             self._inputs = [torch.empty_like(c) for c in crops]
             if ddp and self._flat_grads is None:
                 self._flat_grads = FlatGradients([p for p in step.student.parameters() if p.requires_grad])
+        if ddp:
+            self._flat_grads.attach()
             self._call = self.call_factory(lambda: self._forward_backward(step, epoch, ddp),
                                            warmup_steps=self.warmup_steps, grad_params=step.student.parameters())
         for static, crop in zip(self._inputs, crops):

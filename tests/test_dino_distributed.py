@@ -41,16 +41,18 @@ def _train(rank: int, flat: bool):
     student = torch.nn.parallel.DistributedDataParallel(student)
     loss_fn = dino.DINOLoss(64, 4, 0.04, 0.07, 0, 10)
     optimizer = torch.optim.SGD(dino.param_groups(student), lr=0.5)
-    step = dino.DINOStep(student, teacher, loss_fn, optimizer, clip_grad=0.05, freeze_last_layer=0)
+    step = dino.DINOStep(student, teacher, loss_fn, optimizer, clip_grad=0.05, freeze_last_layer=1)
     graph = dino.GraphedForwardBackward(warmup_steps=1, call_factory=EagerCall)
     losses = []
-    for i in range(2):
+    # Epoch 0 drops the head's last-layer gradients after the step (freeze_last_layer=1); epoch 1 must
+    # average them again.
+    for i, epoch in enumerate((0, 1, 1)):
         crops = _crops(rank, i)
         if flat:
-            losses.append(graph(step, crops, 1))
-            dino.apply_update(step.student, step.teacher, step.optimizer, 1, 0.9, freeze_last_layer=0)
+            losses.append(graph(step, crops, epoch))
+            dino.apply_update(step.student, step.teacher, step.optimizer, epoch, 0.9, freeze_last_layer=1)
         else:
-            losses.append(step(crops, 1, 0.9))  # no graph: DDP's own forward, backward and all-reduce
+            losses.append(step(crops, epoch, 0.9))  # no graph: DDP's own forward, backward and all-reduce
     flat_grads = [p.grad.detach().clone() for p in student.module.parameters() if p.requires_grad]
     return {"student": [p.detach().clone() for p in student.module.parameters()],
             "teacher": [p.detach().clone() for p in teacher.parameters()],
