@@ -482,10 +482,10 @@ class GraphedForwardBackward:
             self._inputs = [torch.empty_like(c) for c in crops]
             if ddp and self._flat_grads is None:
                 self._flat_grads = FlatGradients([p for p in step.student.parameters() if p.requires_grad])
-        if ddp:
-            self._flat_grads.attach()
             self._call = self.call_factory(lambda: self._forward_backward(step, epoch, ddp),
                                            warmup_steps=self.warmup_steps, grad_params=step.student.parameters())
+        if ddp:
+            self._flat_grads.attach()
         for static, crop in zip(self._inputs, crops):
             static.copy_(crop, non_blocking=True)
         distributed = _distributed()

@@ -19,9 +19,12 @@ WORLD = 2
 class EagerCall:
     """CapturedCall's interface without the CUDA graph: fn() on every call."""
 
+    built = 0
+
     def __init__(self, fn, warmup_steps, grad_params):
         self.fn = fn
         self.captured = False
+        EagerCall.built += 1
 
     def __call__(self):
         return self.fn()
@@ -53,6 +56,8 @@ def _train(rank: int, flat: bool):
             dino.apply_update(step.student, step.teacher, step.optimizer, epoch, 0.9, freeze_last_layer=1)
         else:
             losses.append(step(crops, epoch, 0.9))  # no graph: DDP's own forward, backward and all-reduce
+    if flat:
+        assert EagerCall.built == 1  # one recorded call, kept across steps (the teacher temperature is constant)
     flat_grads = [p.grad.detach().clone() for p in student.module.parameters() if p.requires_grad]
     return {"student": [p.detach().clone() for p in student.module.parameters()],
             "teacher": [p.detach().clone() for p in teacher.parameters()],
