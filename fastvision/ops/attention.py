@@ -339,16 +339,22 @@ class Segments:
         object.__setattr__(self, "total", sum(self.lengths))
         object.__setattr__(self, "max_length", max(self.lengths))
         object.__setattr__(self, "device_lengths", self.cu_seqlens.diff())
-        object.__setattr__(self, "run_list", [n for _, length, count in self.runs() for n in (length, count)])
+        object.__setattr__(self, "run_list", [n for length, group in itertools.groupby(self.lengths)
+                                              for n in (length, sum(1 for _ in group))])
         object.__setattr__(self, "first_tokens", self.cu_seqlens[:-1].long())
 
-    def runs(self):
+    def runs(self) -> List[Tuple[int, int, int]]:
         """(start token, length, count) of each run of equal consecutive lengths."""
-        start = 0
-        for length, group in itertools.groupby(self.lengths):
-            count = len(list(group))
-            yield start, length, count
-            start += length * count
+        return _runs_with_starts(self.run_list)
+
+
+def _runs_with_starts(run_list: List[int]) -> List[Tuple[int, int, int]]:
+    """(start token, length, count) of each run of a [length, count, length, count, ...] list."""
+    found, start = [], 0
+    for length, count in zip(run_list[::2], run_list[1::2]):
+        found.append((start, length, count))
+        start += length * count
+    return found
 
 
 def _eager_varlen(qkv: Tensor, segments: Segments, scale: float) -> Tensor:
@@ -366,12 +372,8 @@ def _runs_of(cu_seqlens: Tensor, runs: Optional[List[int]]):
     ([length, count, length, count, ...]) or, without it, from the device offsets (a host sync)."""
     if runs is None:
         offsets = cu_seqlens.tolist()
-        return list(Segments(tuple(b - a for a, b in zip(offsets, offsets[1:])), cu_seqlens).runs())
-    found, start = [], 0
-    for length, count in zip(runs[::2], runs[1::2]):
-        found.append((start, length, count))
-        start += length * count
-    return found
+        return Segments(tuple(b - a for a, b in zip(offsets, offsets[1:])), cu_seqlens).runs()
+    return _runs_with_starts(runs)
 
 
 # Up to this many runs of equal-length sequences (DINO: 2, the global and the local crops) run as
