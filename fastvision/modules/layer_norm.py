@@ -33,7 +33,7 @@ class LayerNorm(nn.LayerNorm):
                     residual_scale: Optional[torch.Tensor] = None):
         """(self(h), h) with h = x + residual (times ``residual_scale``, one factor per row), in one pass."""
         if not fused("layer_norm"):
-            h = x + residual if residual_scale is None else x + residual * residual_scale[..., None]
+            h = ops.residual_sum(x, residual, residual_scale)
             return self(h, out_dtype=out_dtype), h
         return ops.add_layer_norm(x, residual, self.normalized_shape, self.weight, self.bias, self.eps,
                                   out_dtype=out_dtype, residual_scale=residual_scale)

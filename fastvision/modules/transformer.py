@@ -85,13 +85,8 @@ Pending = Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]]
 
 
 def finish_residual(x: torch.Tensor, pending: Pending) -> torch.Tensor:
-    """x + branch * row_scale (one kernel), the residual add a Block left pending."""
-    if pending is None:
-        return x
-    branch, scale = pending
-    if scale is None:
-        return x + branch
-    return torch.addcmul(x, branch, scale[..., None].to(torch.promote_types(x.dtype, branch.dtype)))
+    """x + branch * row_scale, the residual add a Block left pending."""
+    return x if pending is None else ops.residual_sum(x, *pending)
 
 
 def run_blocks(blocks, x: torch.Tensor, attn_mask=None) -> torch.Tensor:

@@ -11,7 +11,7 @@ from .conv import conv_bn_act, conv_bn_act_decline
 from .dino_loss import dino_loss, dino_loss_decline
 from .gelu import APPROXIMATIONS as GELU_APPROXIMATIONS
 from .gelu import bias_gelu, bias_gelu_linear, gelu, gelu_decline
-from .layer_norm import add_layer_norm, layer_norm, layer_norm_decline
+from .layer_norm import add_layer_norm, layer_norm, layer_norm_decline, residual_sum
 from .softmax import softmax, softmax_decline
 
 __all__ = [
@@ -20,5 +20,5 @@ __all__ = [
     "device_decline",
     "dino_loss", "dino_loss_decline",
     "fold_batchnorm", "gelu", "gelu_decline", "layer_norm",
-    "layer_norm_decline", "softmax", "softmax_decline", "triton_interpreted",
+    "layer_norm_decline", "residual_sum", "softmax", "softmax_decline", "triton_interpreted",
 ]

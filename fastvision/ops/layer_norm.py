@@ -47,18 +47,20 @@ def _layer_norm_fake(x, weight, bias, eps, out_dtype):
     return x.new_empty(x.shape, dtype=out_dtype or x.dtype), stats, stats.new_empty(stats.shape)
 
 
-def _scaled_sum(x: Tensor, residual: Tensor, residual_scale: Optional[Tensor]) -> Tensor:
+def residual_sum(x: Tensor, residual: Tensor, residual_scale: Optional[Tensor] = None) -> Tensor:
+    """h = x + residual * residual_scale[..., None] (one factor per row; None: x + residual) in eager
+    ops: the sum add_layer_norm fuses, in the dtype x + residual promotes to, the product in the
+    scale's precision."""
     if residual_scale is None:
         return x + residual
-    h_dtype = torch.promote_types(x.dtype, residual.dtype)
-    return (x + residual.to(residual_scale.dtype) * residual_scale[..., None]).to(h_dtype)
+    return torch.addcmul(x, residual, residual_scale[..., None]).to(torch.promote_types(x.dtype, residual.dtype))
 
 
 def _add_layer_norm_impl(x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                          out_dtype: Optional[torch.dtype], residual_scale: Optional[Tensor]
                          ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     if not C.use_triton(x):
-        h = _scaled_sum(x, residual, residual_scale)
+        h = residual_sum(x, residual, residual_scale)
         y, mean, rstd = _eager_forward(h, weight, bias, eps, out_dtype)
         return y, h, mean, rstd
     rows = C.row_major(x)
@@ -326,7 +328,7 @@ def add_layer_norm(x: Tensor, residual: Tensor, normalized_shape, weight: Option
     weight, bias = C.autocast_cast(autocast_dtype, weight, bias)
     out_dtype = out_dtype or autocast_dtype
     if layer_norm_decline(x, weight, bias) is not None or C.dtype_decline(residual) is not None:
-        h = _scaled_sum(x, residual, residual_scale)
+        h = residual_sum(x, residual, residual_scale)
         return layer_norm(h, shape, weight, bias, eps, out_dtype=out_dtype), h
     flat, w, b = _last_dim_view(x, weight, bias, shape)
     y, h, _, _ = call("add_layer_norm", flat, residual.reshape(flat.shape), w, b, float(eps), out_dtype,
