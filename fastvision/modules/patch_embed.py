@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastvision.ops import _common as ops_common
+
 
 _CONV_ATTRIBUTES = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "transposed",
                     "output_padding", "groups", "padding_mode", "_reversed_padding_repeated_twice")
@@ -63,9 +65,7 @@ class PatchConv2d(nn.Conv2d):
         p, q = self.kernel_size
         h, w = height // p, width // q
         x = x[:, :, :h * p, :w * q]
-        dtype = x.dtype
-        if torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
+        dtype = ops_common.autocast_dtype_for(x.device.type, "lower") or x.dtype
         patches = torch.empty((n, h, w, c, p, q), dtype=dtype, device=x.device)
         patches.copy_(x.reshape(n, c, h, p, w, q).permute(0, 2, 4, 1, 3, 5))  # gather and cast in one pass
         out = F.linear(patches.view(n, h, w, c * p * q), self.weight.reshape(self.out_channels, -1), self.bias)

@@ -166,14 +166,9 @@ class Mlp(nn.Module):
         _adopt(self, mlp, MLP_CHILDREN)
         self.recompute_activation = recompute_activation
 
-    def _compute_dtype(self) -> Optional[torch.dtype]:
-        device = self.fc1.weight.device.type
-        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-
-    def _fused_bias(self) -> Optional[torch.Tensor]:
+    def _fused_bias(self, dtype: Optional[torch.dtype]) -> Optional[torch.Tensor]:
         if not isinstance(self.act, GELU) or self.fc1.bias is None:
             return None
-        dtype = self._compute_dtype()
         return self.fc1.bias if dtype is None else self.fc1.bias.to(dtype)  # eager linear adds it in that dtype
 
     def _recomputes(self, bias: Optional[torch.Tensor]) -> bool:
@@ -181,11 +176,11 @@ class Mlp(nn.Module):
                 and (not self.training or getattr(self.drop1, "p", 0.0) == 0.0) and isinstance(self.fc2, nn.Linear))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = self._fused_bias()
+        dtype = _linear_input_dtype(x, self, "fc1")  # autocast's, or None
+        bias = self._fused_bias(dtype)
         if bias is None:
             x = self.act(self.fc1(x))
         elif self._recomputes(bias):
-            dtype = self._compute_dtype()
             weight, fc2_bias = (t if t is None or dtype is None else t.to(dtype)
                                 for t in (self.fc2.weight, self.fc2.bias))
             return self.drop2(ops.bias_gelu_linear(F.linear(x, self.fc1.weight), bias, weight, fc2_bias,
