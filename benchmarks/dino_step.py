@@ -17,6 +17,7 @@ import gc
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -206,8 +207,6 @@ def _device_us(event) -> float:
 
 def kernel_families(events, steps: int) -> Dict[str, float]:
     """Milliseconds of GPU time per step in each of KERNEL_FAMILIES (plus "other"), largest first."""
-    import re
-
     totals: Dict[str, float] = {}
     for event in events:
         us = _device_us(event)

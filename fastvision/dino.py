@@ -27,6 +27,10 @@ from fastvision.cuda_graphs import CaptureError, CapturedCall
 Crops = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 # --- head -------------------------------------------------------------------------------------
 
 def _legacy_weight_norm_keys(state_dict, prefix, *args) -> None:
@@ -225,7 +229,7 @@ class DINOLoss(nn.Module):
     @torch.no_grad()
     def apply_center_update(self, batch_sum: torch.Tensor, rows: int) -> None:
         """centre ← m·centre + (1 - m)·(batch_sum summed over processes) / (rows × processes)."""
-        if dist.is_available() and dist.is_initialized():
+        if _distributed():
             dist.all_reduce(batch_sum)
             rows *= dist.get_world_size()
         self.center.mul_(self.center_momentum).add_(batch_sum, alpha=(1 - self.center_momentum) / rows)
@@ -402,10 +406,6 @@ def why_not_graphed(student: nn.Module, crops: Sequence[torch.Tensor]) -> Option
     if torch.is_autocast_enabled("cuda"):
         return "an outer torch.autocast block: pass autocast_dtype to DINOStep instead"
     return None
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
 
 
 class FlatGradients:
