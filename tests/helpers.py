@@ -83,3 +83,16 @@ def assert_loads_checkpoint(target, state_dict) -> None:
     target.load_state_dict(state_dict)
     for k, v in state_dict.items():
         assert torch.equal(target.state_dict()[k], v), k
+
+
+class EagerCall:
+    """CapturedCall's interface without the CUDA graph (fn() on every call): a graph step's own logic
+    on the CPU. ``built`` counts the calls built, i.e. how often the step would capture again."""
+    built = 0
+
+    def __init__(self, fn, warmup_steps, grad_params):
+        self.fn, self.captured = fn, False
+        EagerCall.built += 1
+
+    def __call__(self):
+        return self.fn()

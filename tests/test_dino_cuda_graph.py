@@ -11,6 +11,7 @@ import torch
 import fastvision
 from fastvision import dino
 from fastvision.testing import assert_close
+from helpers import EagerCall
 
 pytest.importorskip("timm")
 OUT_DIM = 256
@@ -161,29 +162,17 @@ def test_graph_replays_match_the_ddp_step(tmp_path, monkeypatch):
         dist.destroy_process_group()
 
 
-class _EagerCall:
-    """CapturedCall's interface without the CUDA graph (fn() on every call): the step's own logic on the CPU."""
-    built = 0
-
-    def __init__(self, fn, warmup_steps, grad_params):
-        self.fn, self.captured = fn, False
-        _EagerCall.built += 1
-
-    def __call__(self):
-        return self.fn()
-
-
 def test_graphed_step_logic_without_the_graph_is_the_train_step():
     crops = crops_for(2)
     batches = [(0, crops), (0, crops_for(2)), (1, crops)]
     step = make_step(*tiny_dino(), len(crops))
-    graph = dino.GraphedForwardBackward(warmup_steps=1, call_factory=_EagerCall)
+    graph = dino.GraphedForwardBackward(warmup_steps=1, call_factory=EagerCall)
     losses = []
-    _EagerCall.built = 0
+    EagerCall.built = 0
     for epoch, batch in batches:
         losses.append(graph(step, batch, epoch))
         dino.apply_update(step.student, step.teacher, step.optimizer, epoch, 0.99, freeze_last_layer=1)
-    assert _EagerCall.built == 2  # one recorded call per teacher temperature, kept across steps
+    assert EagerCall.built == 2  # one recorded call per teacher temperature, kept across steps
     state = [torch.cat([p.detach().flatten() for p in m.parameters()]) for m in (step.student, step.teacher)]
     ref = run_steps(make_step(*tiny_dino(), len(crops)), batches)
     for got, want in zip((torch.stack(losses), *state, step.loss_fn.center), ref):

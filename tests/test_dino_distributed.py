@@ -12,22 +12,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from helpers import EagerCall
+
 pytest.importorskip("timm")
 WORLD = 2
-
-
-class EagerCall:
-    """CapturedCall's interface without the CUDA graph: fn() on every call."""
-
-    built = 0
-
-    def __init__(self, fn, warmup_steps, grad_params):
-        self.fn = fn
-        self.captured = False
-        EagerCall.built += 1
-
-    def __call__(self):
-        return self.fn()
 
 
 def _crops(rank: int, step: int):
