@@ -5,7 +5,7 @@ reads) and by running timm's own forward, so subclasses that keep the forward ar
 covered and look-alikes with a different forward are not silently changed.
 """
 from collections import OrderedDict
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
 from torch import nn
 
@@ -110,12 +110,15 @@ def _is_block(m: nn.Module) -> bool:
             and _has_children(m, transformer.BLOCK_CHILDREN))
 
 
+def _residual_norm_decline(options) -> Optional[str]:
+    return None if options.get("layer_norm", True) else "residual+LayerNorm fusion needs layer_norm=True"
+
+
 def _build_block(m: nn.Module, options):
-    if not options.get("layer_norm", True):
-        return "residual+LayerNorm fusion needs layer_norm=True"
-    if not _is_layer_norm(m.norm2) and not isinstance(m.norm2, LayerNorm):
-        return f"norm2 is {type(m.norm2).__name__}, not a LayerNorm"
-    return transformer.Block(m)
+    reason = _residual_norm_decline(options)
+    if reason is None and not _is_layer_norm(m.norm2) and not isinstance(m.norm2, LayerNorm):
+        reason = f"norm2 is {type(m.norm2).__name__}, not a LayerNorm"
+    return reason or transformer.Block(m)
 
 
 # --- blocks Sequential ----------------------------------------------------------------------
@@ -126,9 +129,7 @@ def _is_block_sequence(m: nn.Module) -> bool:
 
 
 def _build_block_sequence(m: nn.Sequential, options):
-    if not options.get("layer_norm", True):
-        return "residual+LayerNorm fusion needs layer_norm=True"
-    return transformer.Blocks(OrderedDict(m.named_children()))
+    return _residual_norm_decline(options) or transformer.Blocks(OrderedDict(m.named_children()))
 
 
 # --- patch embedding -------------------------------------------------------------------------
