@@ -471,7 +471,7 @@ class GraphedForwardBackward:
 
     @property
     def captured(self) -> bool:
-        return self._call is not None and getattr(self._call, "captured", False)
+        return self._call is not None and self._call.captured
 
     def __call__(self, step: "DINOStep", crops: Sequence[torch.Tensor], epoch: int) -> torch.Tensor:
         crops = list(crops)
