@@ -310,6 +310,7 @@ def test_tuning_picks_the_fastest_fitting_configuration_once(monkeypatch):
     """The CUDA tuning cache (exercised here with a fake timer): fastest wins, out-of-resources skipped, cached."""
     import triton
 
+    from fastvision.triton_kernels import _launch
     from fastvision.triton_kernels import attention as kernels
 
     candidates = kernels.candidate_configs(kernels.attention_fwd_kernel, 197, 64, 2)
@@ -331,10 +332,10 @@ def test_tuning_picks_the_fastest_fitting_configuration_once(monkeypatch):
         return timings[id(cfg)]
 
     monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
-    monkeypatch.setattr(kernels, "_TUNED", {})
-    assert kernels._timed_choice("key", candidates, launch) is fast
+    monkeypatch.setattr(_launch, "_TUNED", {})
+    assert _launch.timed_choice(("key",), candidates, launch) is fast
     assert len(calls) == len(candidates)
-    assert kernels._timed_choice("key", candidates, launch) is fast and len(calls) == len(candidates)
+    assert _launch.timed_choice(("key",), candidates, launch) is fast and len(calls) == len(candidates)
 
 
 def test_candidates_fit_shared_memory_for_every_dtype_and_head_dim():

@@ -254,3 +254,44 @@ def test_layer_norm_reads_row_strided_slices_in_place(device):
     check_against_float64(lambda x, r, w, b: fastvision.ops.add_layer_norm(x, r, (64,), w, b)[0],
                           lambda x, r, w, b: F.layer_norm(x + r, (64,), w, b), (x, r, w, b), grad, torch.float32,
                           ("x", "residual", "weight", "bias"))
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("hidden", (384, 768))
+def test_add_layer_norm_backward_every_launch_candidate(device, hidden, monkeypatch):
+    """Each backward launch the tuner may pick (layout, pipeline depth, grid) gives the float64 gradients:
+    the DINO case, a float32 residual stream plus a bf16 branch, bf16 output, drop-path row scales."""
+    from fastvision.triton_kernels import layer_norm as kernels
+
+    rows = (3, 197)  # 591 rows: several tiles per program and a ragged last one
+    seen = []
+    original = kernels._bwd_candidates
+
+    def spy(*args):
+        seen.append(original(*args))
+        return seen[-1]
+
+    monkeypatch.setattr(kernels, "_bwd_candidates", spy)
+
+    def run(candidate=None):
+        if candidate is not None:
+            monkeypatch.setattr(kernels, "_bwd_candidates", lambda *args: (candidate,))
+        torch.manual_seed(7)
+        x = randn(*rows, hidden, device=device, requires_grad=True)
+        r = randn(*rows, hidden, dtype=torch.bfloat16, device=device, std=3.0, requires_grad=True)
+        w, b = randn(hidden, device=device, requires_grad=True), randn(hidden, device=device, requires_grad=True)
+        scale = torch.tensor([1.25, 0.0, 1.25], device=device).view(3, 1)
+        y, h = fastvision.ops.add_layer_norm(x, r, (hidden,), w, b, residual_scale=scale, out_dtype=torch.bfloat16)
+        dy, dh = randn(*rows, hidden, dtype=torch.bfloat16, device=device), randn(*rows, hidden, device=device)
+        torch.autograd.backward((y, h), (dy, dh))
+        return (x, r, w, b), scale, dy, dh
+
+    inputs, scale, dy, dh = run()
+    refs = float64_copies(*inputs)
+    hr = refs[0] + refs[1] * scale.double().cpu()[..., None]
+    torch.autograd.backward((reference_layer_norm(hr, *refs[2:]), hr), (dy.double().cpu(), dh.double().cpu()))
+    candidates = seen[0]
+    assert len({tuple(meta.items()) for meta, _ in candidates}) > 1 and candidates[0][1] == 32
+    for candidate in candidates:
+        for name, t, rt in zip(("x", "residual", "weight", "bias"), run(candidate)[0], refs):
+            assert_close(t.grad, rt.grad, torch.bfloat16, name=f"grad of {name} with {candidate}")

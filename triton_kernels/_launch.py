@@ -1,7 +1,9 @@
-"""Launch heuristics shared by the kernels: block sizes, warps, grid sizes."""
+"""Launch heuristics shared by the kernels: block sizes, warps, grid sizes, timed configuration choice."""
 import math
+import os
 
 import torch
+import triton
 
 
 def next_power_of_2(n: int) -> int:
@@ -56,14 +58,48 @@ def reduction_programs(rows: int, device: torch.device) -> int:
     return max(1, min(rows, 4))
 
 
-def rows_per_reduction_program(rows: int, row_step: int, warps_per_program: int, device: torch.device) -> int:
+def rows_per_reduction_program(rows: int, row_step: int, warps_per_program: int, device: torch.device,
+                               warps_per_sm: int = 32) -> int:
     """Rows each program of a row reduction sums into its own partial row, a multiple of row_step.
 
-    Programs for about 32 resident warps per SM and no more, since each adds a partial row to
-    reduce afterwards; 4 programs on the interpreter.
+    Programs for about ``warps_per_sm`` resident warps per SM and no more, since each adds a partial
+    row to reduce afterwards; 4 programs on the interpreter.
     """
-    target = 32 * multiprocessors(device.index) // warps_per_program if device.type == "cuda" else 4
+    target = warps_per_sm * multiprocessors(device.index) // warps_per_program if device.type == "cuda" else 4
     return row_step * cdiv(rows, row_step * max(target, 1))
+
+
+def tuning_enabled() -> bool:
+    """Whether launch configurations are timed on the GPU (``FASTVISION_AUTOTUNE=1``, the default) rather
+    than taken from a fixed heuristic. Off under ``torch.use_deterministic_algorithms(True)``: the choice
+    can change the order in which a reduction adds its partial sums, so two processes could round apart."""
+    return os.environ.get("FASTVISION_AUTOTUNE", "1") != "0" and not torch.are_deterministic_algorithms_enabled()
+
+
+_TUNED = {}
+
+
+def timed_choice(key, candidates, launch):
+    """The fastest of ``candidates`` for ``key``, each run through ``launch(candidate)`` and timed (median of
+    do_bench) on the first call; the winner is cached. Candidates the GPU cannot run (out of shared memory
+    or registers) are skipped. Nothing can be timed while a CUDA graph is captured: the first candidate
+    then, not cached. Tuning is done here rather than with triton.autotune, whose per-launch bookkeeping
+    costs tens of microseconds."""
+    best = _TUNED.get(key)
+    if best is not None:
+        return best
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return candidates[0]
+    times = {}
+    for i, candidate in enumerate(candidates):
+        try:
+            times[i] = triton.testing.do_bench(lambda: launch(candidate), warmup=5, rep=20, return_mode="median")
+        except triton.runtime.errors.OutOfResources:
+            continue
+    if not times:
+        raise RuntimeError(f"no launch configuration of {key[0]} fits this GPU")
+    best = _TUNED[key] = candidates[min(times, key=times.get)]
+    return best
 
 
 _MULTIPROCESSORS = {}

@@ -20,13 +20,12 @@ packed (B, N, 3, H, d) output of a qkv Linear is read in place. Head dims that a
 a power of two (80, 96) are padded to D_PAD inside the kernel with masked loads.
 """
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import accumulator_dtype, cdiv, new_output, next_power_of_2, pointer
+from ._launch import accumulator_dtype, cdiv, new_output, next_power_of_2, pointer, timed_choice, tuning_enabled
 
 LOG2E = tl.constexpr(1.4426950408889634)
 # A short ragged end of a sequence (N mod block, at most half a block) runs in blocks of 16 instead of
@@ -351,10 +350,9 @@ def attention_bwd_dq_kernel(
 # ---------------------------------------------------------------------------------------------
 # Block sizes. Candidates are the configurations whose tiles are not much longer than N and
 # whose shared memory (estimated from the tiles, the head dim and the element size) fits
-# SHARED_MEMORY_BUDGET. On CUDA, with FASTVISION_AUTOTUNE=1 (the default), the candidates are
-# timed once per (kernel, tuning_class(N), head dim, dtype, bias) and the fastest is kept; with
-# FASTVISION_AUTOTUNE=0 (the tests) a heuristic picks one. Tuning is done here rather than
-# with triton.autotune, whose per-launch bookkeeping costs tens of microseconds.
+# SHARED_MEMORY_BUDGET. On CUDA, unless tuning is off (_launch.tuning_enabled: FASTVISION_AUTOTUNE=0,
+# as in the tests, or deterministic algorithms requested), the candidates are timed once per
+# (kernel, tuning_class(N), head dim, dtype, bias) and the fastest is kept; else a heuristic picks one.
 # N is not specialised, so one compiled kernel serves every sequence length.
 
 def _config(block_m, block_n, warps, stages):
@@ -390,10 +388,6 @@ def tuning_class(n: int) -> int:
     return n if n <= 1024 else min(next_power_of_2(n), 4096)
 
 
-def autotune_enabled() -> bool:
-    return os.environ.get("FASTVISION_AUTOTUNE", "1") != "0"
-
-
 def shared_memory_estimate(kernel, cfg, d_pad: int, element_bytes: int) -> int:
     """Bytes of shared memory: tiles held for the whole program plus num_stages copies of the streamed ones."""
     bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
@@ -424,24 +418,8 @@ def heuristic_config(kernel, n: int, head_dim: int, d_pad: int, element_bytes: i
 
 CONFIGS = {attention_fwd_kernel: FWD_CONFIGS, attention_bwd_dkdv_kernel: DKDV_CONFIGS,
            attention_bwd_dq_kernel: DQ_CONFIGS}
-_TUNED = {}
 # Tests set this to a triton.Config to run every kernel with that one configuration.
 forced_config = None
-
-
-def _timed_choice(key, candidates, launch):
-    """The fastest candidate for ``key``, timed on the first call (median of do_bench)."""
-    best = _TUNED.get(key)
-    if best is None:
-        times = {}
-        for i, cfg in enumerate(candidates):
-            try:
-                times[i] = triton.testing.do_bench(lambda: launch(cfg), warmup=5, rep=20, return_mode="median")
-            except triton.runtime.errors.OutOfResources:
-                continue
-        best = candidates[min(times, key=times.get)] if times else SMALLEST_CONFIG
-        _TUNED[key] = best
-    return best
 
 
 def _launch(kernel, grid_axis, tensor, n, programs_per_row, *args, **meta):
@@ -457,10 +435,10 @@ def _launch(kernel, grid_axis, tensor, n, programs_per_row, *args, **meta):
     d_pad, element_bytes = meta["D_PAD"], tensor.element_size()
     if forced_config is not None:
         cfg = forced_config
-    elif autotune_enabled():
+    elif tuning_enabled():
         key = (kernel.__name__, tuning_class(n), meta["HEAD_DIM"], tensor.dtype, meta["HAS_BIAS"],
                meta["PRECISION"], meta["VARLEN"], tensor.device.index)  # packed short crops tune apart
-        cfg = _timed_choice(key, candidate_configs(kernel, n, d_pad, element_bytes), launch)
+        cfg = timed_choice(key, candidate_configs(kernel, n, d_pad, element_bytes), launch)
     else:
         cfg = heuristic_config(kernel, n, meta["HEAD_DIM"], d_pad, element_bytes)
     launch(cfg)

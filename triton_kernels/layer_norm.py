@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from ._launch import (accumulator_dtype, cdiv, new_output, next_power_of_2, pointer, reduction_programs, rows_of,
-                      rows_per_reduction_program, vector_width, warps_for_row)
+                      rows_per_reduction_program, timed_choice, tuning_enabled, vector_width, warps_for_row)
 from ._rows import by_row, flat, row_tile
 from .partial_sum import sum_partials
 
@@ -151,6 +151,7 @@ def layer_norm_bwd_kernel(
     HAS_SKIP_GRAD: tl.constexpr, HAS_RESIDUAL_GRAD: tl.constexpr, HAS_RESIDUAL_SCALE: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, NEEDS_WB_GRAD: tl.constexpr,
     BLOCK_N: tl.constexpr, SEG: tl.constexpr, ROWS: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
+    STAGES: tl.constexpr = 1,
 ):
     pid = tl.program_id(0)
     acc_ty = tl.float64 if H.dtype.element_ty == tl.float64 else tl.float32
@@ -170,7 +171,9 @@ def layer_norm_bwd_kernel(
         db_acc = tl.zeros([BLOCK_N // SEG, ROWS, SEG], dtype=acc_ty)
         if HAS_WEIGHT:
             w = by_row(tl.load(W + cols, mask=col_mask, other=0.0).to(acc_ty), ROWS)
-        for row0 in range(row_start, row_end, ROWS):
+        # STAGES > 1: the loads of the next STAGES - 1 tiles are issued (cp.async into shared memory)
+        # before this tile is reduced, instead of each tile waiting for its own loads.
+        for row0 in tl.range(row_start, row_end, ROWS, num_stages=STAGES):
             rows = row0 + tile_rows
             mask = (rows < row_end) & col_mask
             h = by_row(tl.load(H + rows * stride_h + cols, mask=mask, other=0.0).to(acc_ty), ROWS)
@@ -304,12 +307,37 @@ def layer_norm_fwd(x, weight, bias, eps, residual=None, out_dtype=None, residual
     return y, h, mean, rstd
 
 
-def _bwd_rows_per_program(M, meta, device):
+# The backward's launch: the layout of _config, or for rows that a warp holds two or more of, one
+# row per warp in a wider segment (fewer registers per thread); the row loop's loads not pipelined
+# or pipelined one or two tiles ahead; a grid for 32 resident warps per SM (more programs, fewer
+# tiles each) or 8 (a tile loop long enough to pipeline). The first candidate is the heuristic
+# choice; on CUDA, unless tuning is off (_launch.tuning_enabled), the candidates are timed once
+# per (N, dtypes, options, power-of-two class of M) and the fastest kept.
+BWD_STAGES = (1, 2, 3)
+BWD_WARPS_PER_SM = (32, 8)
+BWD_SHARED_MEMORY_BUDGET = 160 * 1024  # under sm_80's 163 KB
+
+
+@functools.lru_cache(maxsize=256)
+def _bwd_candidates(n: int, vec: int, tile_bytes_per_element: int):
+    """(kernel meta-parameters, warps per SM) choices for the backward, the heuristic one first (see above)."""
+    base = _config(n, vec)
+    if not base["SINGLE_BLOCK"]:
+        return ((dict(base, STAGES=1), 32),)
+    layouts = [base]
+    if base["ROWS"] > base["num_warps"] and 32 * vec <= base["BLOCK_N"]:
+        layouts.append(dict(base, SEG=32 * vec, ROWS=base["num_warps"]))
+    return tuple((dict(layout, STAGES=stages), warps_per_sm)
+                 for warps_per_sm in BWD_WARPS_PER_SM for layout in layouts for stages in BWD_STAGES
+                 if stages * layout["ROWS"] * layout["BLOCK_N"] * tile_bytes_per_element <= BWD_SHARED_MEMORY_BUDGET)
+
+
+def _bwd_rows_per_program(M, meta, warps_per_sm, device):
     """Rows each backward program reduces into its partial dw/db rows (wide rows: one program per
     row-parallel slot of reduction_programs)."""
     if not meta["SINGLE_BLOCK"]:
         return cdiv(M, reduction_programs(M, device))
-    return rows_per_reduction_program(M, meta["ROWS"], meta["num_warps"], device)
+    return rows_per_reduction_program(M, meta["ROWS"], meta["num_warps"], device, warps_per_sm)
 
 
 def layer_norm_bwd(dy, h, weight, rstd, skip_grad=None, needs_weight_grad=True, residual_dtype=None,
@@ -331,22 +359,36 @@ def layer_norm_bwd(dy, h, weight, rstd, skip_grad=None, needs_weight_grad=True, 
         return dx, dr, (torch.zeros((2, N), dtype=acc, device=h.device) if needs_weight_grad else None)
     stride_dy = rows_of(dy)[1]
     stride_skip = rows_of(skip_grad)[1] if skip_grad is not None else 0
-    itemsize = min(t.element_size() for t in (dy, h, skip_grad, dr) if t is not None)
-    meta = _config(N, vector_width(itemsize, (dy, stride_dy), (h, stride_h), (skip_grad, stride_skip), (dx, N),
-                                   (dr, N), (weight, 0)))
-    rows_per_program = _bwd_rows_per_program(M, meta, h.device)
-    programs = cdiv(M, rows_per_program)
-    partial = None
-    if needs_weight_grad:
-        alloc = new_output if meta["SINGLE_BLOCK"] else (lambda shape, **kw: torch.zeros(shape, **kw))
-        partial = alloc((2, programs, N), dtype=acc, device=h.device)
-    layer_norm_bwd_kernel[(programs,)](
-        dy, h, weight, rstd, skip_grad, residual_scale, dx, dr, partial,
-        stride_dy, stride_h, stride_skip, N, N, M, rows_per_program, N,
-        HAS_SKIP_GRAD=skip_grad is not None, HAS_RESIDUAL_GRAD=dr is not None,
-        HAS_RESIDUAL_SCALE=residual_scale is not None, HAS_WEIGHT=weight is not None, NEEDS_WB_GRAD=needs_weight_grad, **meta,
-    )
-    return dx, dr, (sum_partials(partial) if needs_weight_grad else None)
+    loaded = [t for t in (dy, h, skip_grad) if t is not None]
+    itemsize = min(t.element_size() for t in (*loaded, dr) if t is not None)
+    vec = vector_width(itemsize, (dy, stride_dy), (h, stride_h), (skip_grad, stride_skip), (dx, N), (dr, N), (weight, 0))
+    flags = dict(HAS_SKIP_GRAD=skip_grad is not None, HAS_RESIDUAL_GRAD=dr is not None,
+                 HAS_RESIDUAL_SCALE=residual_scale is not None, HAS_WEIGHT=weight is not None,
+                 NEEDS_WB_GRAD=needs_weight_grad)
+
+    def launch(candidate):
+        """Writes dx and dr, returns the summed [dweight, dbias] (or None): the same for every candidate."""
+        meta, warps_per_sm = candidate
+        rows_per_program = _bwd_rows_per_program(M, meta, warps_per_sm, h.device)
+        programs = cdiv(M, rows_per_program)
+        partial = None
+        if needs_weight_grad:
+            alloc = new_output if meta["SINGLE_BLOCK"] else (lambda shape, **kw: torch.zeros(shape, **kw))
+            partial = alloc((2, programs, N), dtype=acc, device=h.device)
+        layer_norm_bwd_kernel[(programs,)](
+            dy, h, weight, rstd, skip_grad, residual_scale, dx, dr, partial,
+            stride_dy, stride_h, stride_skip, N, N, M, rows_per_program, N, **flags, **meta,
+        )
+        return sum_partials(partial) if needs_weight_grad else None
+
+    # rstd is loaded as a tile too (its column 0): 4 more bytes per element of a pipelined tile
+    candidates = _bwd_candidates(N, vec, sum(t.element_size() for t in loaded) + 4)
+    choice = candidates[0]
+    if len(candidates) > 1 and h.device.type == "cuda" and tuning_enabled():
+        key = ("layer_norm_bwd", N, vec, *(t.dtype for t in loaded), residual_dtype, tuple(flags.values()),
+               next_power_of_2(M), h.device.index)
+        choice = timed_choice(key, candidates, launch)
+    return dx, dr, launch(choice)
 
 
 def aot_specializations():
@@ -375,9 +417,16 @@ def aot_specializations():
                          "rows_per_program": "i32", "N": "constexpr", "HAS_SKIP_GRAD": "constexpr",
                          "HAS_RESIDUAL_GRAD": "constexpr", "HAS_RESIDUAL_SCALE": "constexpr", "HAS_WEIGHT": "constexpr",
                          "NEEDS_WB_GRAD": "constexpr", "BLOCK_N": "constexpr", "SEG": "constexpr", "ROWS": "constexpr",
-                         "SINGLE_BLOCK": "constexpr"}
+                         "SINGLE_BLOCK": "constexpr", "STAGES": "constexpr"}
             constexprs = {"N": n, "HAS_SKIP_GRAD": residual, "HAS_RESIDUAL_GRAD": residual, "HAS_RESIDUAL_SCALE": False,
-                          "S": None, "HAS_WEIGHT": True, "NEEDS_WB_GRAD": True, **meta}
+                          "S": None, "HAS_WEIGHT": True, "NEEDS_WB_GRAD": True}
             if not residual:
                 constexprs.update(DH_SKIP=None, DR=None)
-            yield layer_norm_bwd_kernel, signature, constexprs, warps
+            tile_bytes = (3 if residual else 2) * dtype.itemsize + 4
+            candidates = _bwd_candidates(n, vec, tile_bytes)
+            if not (n == 768 and residual):  # every layout and pipeline depth tuning may pick, for one width
+                candidates = candidates[:1]
+            variants = {tuple(m.items()): m for m, _ in candidates}
+            for bwd_meta in map(dict, variants.values()):
+                warps = {"num_warps": bwd_meta.pop("num_warps")}
+                yield layer_norm_bwd_kernel, signature, {**constexprs, **bwd_meta}, warps
