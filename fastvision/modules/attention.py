@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from fastvision import ops
+from fastvision.modules.linear import linear
 
 # Children of timm's vision_transformer.Attention, adopted as they are (same objects, same names).
 ATTENTION_CHILDREN = ("qkv", "q_norm", "k_norm", "attn_drop", "norm", "gate", "proj", "proj_drop")
@@ -71,7 +72,7 @@ class Attention(nn.Module):
         """``attn_mask`` may also be a ``fastvision.ops.Segments``: x then holds packed sequences, (1, T, C)."""
         B, N, _ = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
-        qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim)
+        qkv = linear(self.qkv, x).view(B, N, 3, self.num_heads, self.head_dim)
         if isinstance(attn_mask, ops.Segments):
             out, rows = self._attend_packed(qkv, attn_mask)
         else:
@@ -81,7 +82,7 @@ class Attention(nn.Module):
         x = self.norm(out.reshape(B, N, self.attn_dim))
         if gate is not None:
             x = x * gate
-        return self.proj_drop(self.proj(x))
+        return self.proj_drop(linear(self.proj, x))
 
     def why_not(self, x: torch.Tensor) -> Optional[str]:
         """Why this module falls back to eager attention on input ``x`` (None when the kernel runs)."""

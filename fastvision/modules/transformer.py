@@ -13,6 +13,7 @@ from fastvision import ops
 from fastvision.modules._compiled import fused
 from fastvision.modules.gelu import GELU
 from fastvision.modules.layer_norm import LayerNorm
+from fastvision.modules.linear import linear
 
 BLOCK_CHILDREN = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
 MLP_CHILDREN = ("fc1", "act", "drop1", "norm", "fc2", "drop2")
@@ -187,4 +188,4 @@ class Mlp(nn.Module):
                                                    self.act.approximate))
         else:
             x = self.act.forward_bias(F.linear(x, self.fc1.weight), bias)
-        return self.drop2(self.fc2(self.norm(self.drop1(x))))
+        return self.drop2(linear(self.fc2, self.norm(self.drop1(x))))

@@ -7,6 +7,7 @@ from torch import Tensor
 
 from . import _common as C
 from ._dispatch import call, define
+from .linear import bias_grad
 
 APPROXIMATIONS = ("none", "tanh")
 
@@ -149,7 +150,7 @@ class _BiasGeluLinear(torch.autograd.Function):
         g = call("bias_gelu", a, b1, ctx.approximate)
         dy_rows, g_rows = dy.reshape(-1, dy.shape[-1]), g.reshape(-1, g.shape[-1])
         dw2 = dy_rows.t().mm(g_rows) if ctx.needs_input_grad[2] else None
-        db2 = dy_rows.sum(0) if ctx.has_b2 and ctx.needs_input_grad[3] else None
+        db2 = bias_grad(dy_rows, w2.dtype) if ctx.has_b2 and ctx.needs_input_grad[3] else None
         da, db1 = call("bias_gelu_backward", dy.matmul(w2), a, b1, ctx.approximate)
         return da, db1.to(b1.dtype), dw2, db2, None
 
