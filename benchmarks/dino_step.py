@@ -253,6 +253,12 @@ def run_variant(variant: str, args, device) -> Dict[str, object]:
         loss = step(crops, 1, 0.996)
         synchronize(device)
         result["time_to_first_step_s"] = time.perf_counter() - t0
+        if device.type == "cuda":
+            # The first step compiles and times launch configurations (Triton, Inductor) with scratch
+            # buffers of their own; peak_memory_gib is the training peak from the second step on,
+            # CUDA-graph capture included.
+            result["peak_memory_first_step_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            torch.cuda.reset_peak_memory_stats(device)
         timed_steps(step, crops, args.warmup, device)
         if step.graph is not None:
             result["cuda_graph"] = "replayed" if step.graphed and step.graph.captured else (
@@ -263,6 +269,7 @@ def run_variant(variant: str, args, device) -> Dict[str, object]:
                       images_per_s=args.batch / median, first_loss=float(loss))
         if device.type == "cuda":
             result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            result["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
         if args.profile:
             result["profile"], result["gpu_ms_per_step_by_kernel_family"] = profile_top_kernels(step, crops, device)
     except Exception as exc:  # one variant failing must not lose the others

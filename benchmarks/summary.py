@@ -47,6 +47,8 @@ def micro_rows(payload) -> List[Dict[str, object]]:
             "skipped": sum(1 for r in records if r["status"] == "skipped"),
             "speedup vs best": _spread([r["speedup_vs_best"] for r in records if "speedup_vs_best" in r]),
             "ceiling fraction": _spread([o["fraction_of_ceiling"] for o in ours if "fraction_of_ceiling" in o]),
+            "graph ceiling fraction": _spread([o["graph_fraction_of_ceiling"] for o in ours
+                                               if "graph_fraction_of_ceiling" in o]),
             "best baselines": ",".join(f"{k}:{v}" for k, v in sorted(best.items())),
         })
     return rows
