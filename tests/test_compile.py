@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import fastvision
+from fastvision.modules.linear import linear
 from fastvision.testing import assert_close
 from conftest import kernel_devices
 from helpers import randn
@@ -19,12 +20,13 @@ class TinyBlock(torch.nn.Module):
         self.fc = torch.nn.Linear(dim, dim)
         self.act = fastvision.modules.GELU(approximate="tanh")
         self.softmax = fastvision.modules.Softmax(dim=-1)
+        self.out = torch.nn.Linear(dim, dim)
 
     def forward(self, x):
         y, h = self.norm1.forward_add(x, x * 0.5)
         y = self.act.forward_bias(y @ self.fc.weight.t(), self.fc.bias)
         y = self.act(self.norm2(y))
-        return self.softmax(y) + h
+        return linear(self.out, self.softmax(y)) + h
 
 
 class EagerBlock(torch.nn.Module):
@@ -39,7 +41,7 @@ class EagerBlock(torch.nn.Module):
         y = F.gelu(F.linear(y, f.fc.weight, f.fc.bias), approximate="tanh")
         y = F.gelu(F.layer_norm(y, f.norm2.normalized_shape, f.norm2.weight, f.norm2.bias, f.norm2.eps),
                    approximate="tanh")
-        return torch.softmax(y, -1) + h
+        return F.linear(torch.softmax(y, -1), f.out.weight, f.out.bias) + h
 
 
 def _forward_backward(model, x):
