@@ -361,7 +361,8 @@ def layer_norm_bwd(dy, h, weight, rstd, skip_grad=None, needs_weight_grad=True, 
     stride_skip = rows_of(skip_grad)[1] if skip_grad is not None else 0
     loaded = [t for t in (dy, h, skip_grad) if t is not None]
     itemsize = min(t.element_size() for t in (*loaded, dr) if t is not None)
-    vec = vector_width(itemsize, (dy, stride_dy), (h, stride_h), (skip_grad, stride_skip), (dx, N), (dr, N), (weight, 0))
+    vec = vector_width(itemsize, (dy, stride_dy), (h, stride_h), (skip_grad, stride_skip), (dx, N), (dr, N),
+                       (weight, 0))
     flags = dict(HAS_SKIP_GRAD=skip_grad is not None, HAS_RESIDUAL_GRAD=dr is not None,
                  HAS_RESIDUAL_SCALE=residual_scale is not None, HAS_WEIGHT=weight is not None,
                  NEEDS_WB_GRAD=needs_weight_grad)

@@ -1,12 +1,13 @@
 """Which fused modules keep their custom op inside a torch.compile'd model.
 
 Inductor generates and fuses its own kernels for LayerNorm, GELU, softmax and a Linear's bias
-gradient with the ops around them; a custom op there is an opaque node that blocks those fusions and costs a dispatcher round
-trip per call (on the H200, 2026-11-26, a patched DINO step compiled with every fused op ran at
-332 img/s against 951 for compile alone). Attention is different: Inductor calls SDPA, which our
-kernel beats on timm's packed layout, so a compiled model always keeps the fused attention, and by
-default lets Inductor have the rest. ``set_compile_ops`` (or FASTVISION_COMPILE_OPS, a comma-separated
-list or "all") keeps some or all of these fused too. Eager execution always uses every fused op.
+gradient with the ops around them; a custom op there is an opaque node that blocks those fusions
+and costs a dispatcher round trip per call (on the H200, 2026-11-26, a patched DINO step compiled
+with every fused op ran at 332 img/s against 951 for compile alone). Attention is different:
+Inductor calls SDPA, which our kernel beats on timm's packed layout, so a compiled model always
+keeps the fused attention, and by default lets Inductor have the rest. ``set_compile_ops`` (or
+FASTVISION_COMPILE_OPS, a comma-separated list or "all") keeps some or all of these fused too.
+Eager execution always uses every fused op.
 """
 import os
 from typing import Iterable, Union

@@ -17,9 +17,10 @@ from .softmax import softmax, softmax_decline
 
 __all__ = [
     "Segments", "attention", "attention_decline", "attention_qkvpacked", "attention_varlen", "varlen_decline",
-    "GELU_APPROXIMATIONS", "add_layer_norm", "bias_gelu", "bias_grad", "bias_gelu_linear", "conv_bn_act", "conv_bn_act_decline",
-    "device_decline",
+    "GELU_APPROXIMATIONS", "add_layer_norm", "bias_gelu", "bias_grad", "bias_gelu_linear", "conv_bn_act",
+    "conv_bn_act_decline", "device_decline",
     "dino_loss", "dino_loss_decline",
     "fold_batchnorm", "gelu", "gelu_decline", "layer_norm",
-    "layer_norm_decline", "linear", "linear_decline", "residual_sum", "softmax", "softmax_decline", "triton_interpreted",
+    "layer_norm_decline", "linear", "linear_decline", "residual_sum", "softmax", "softmax_decline",
+    "triton_interpreted",
 ]
