@@ -429,7 +429,18 @@ def aot_specializations():
             candidates = _bwd_candidates(n, vec, tile_bytes)
             if not (n == 768 and residual):  # every layout and pipeline depth tuning may pick, for one width
                 candidates = candidates[:1]
-            variants = {tuple(m.items()): m for m, _ in candidates}
-            for bwd_meta in map(dict, variants.values()):
-                warps = {"num_warps": bwd_meta.pop("num_warps")}
-                yield layer_norm_bwd_kernel, signature, {**constexprs, **bwd_meta}, warps
+            yield from _bwd_variants(signature, constexprs, candidates)
+    # The DINO step's case: an fp32 residual stream with a bf16 gradient and branch, N = 384
+    signature = dict(signature, DY="*bf16", H="*fp32", W="*fp32", Rstd="*fp32", DH_SKIP="*fp32", S="*fp32", DX="*fp32",
+                     DR="*bf16", DW_PARTIAL="*fp32")
+    constexprs = {"N": 384, "HAS_SKIP_GRAD": True, "HAS_RESIDUAL_GRAD": True, "HAS_RESIDUAL_SCALE": True,
+                  "HAS_WEIGHT": True, "NEEDS_WB_GRAD": True}
+    yield from _bwd_variants(signature, constexprs, _bwd_candidates(384, 8, 2 + 4 + 4 + 4))
+
+
+def _bwd_variants(signature, constexprs, candidates):
+    """One AOT variant per distinct kernel meta-parameter set among the backward's launch candidates."""
+    variants = {tuple(m.items()): m for m, _ in candidates}
+    for meta in map(dict, variants.values()):
+        warps = {"num_warps": meta.pop("num_warps")}
+        yield layer_norm_bwd_kernel, signature, {**constexprs, **meta}, warps
