@@ -362,3 +362,12 @@ def iter_names(value: Optional[str], known: Iterable[str]) -> List[str]:
     if unknown:
         raise SystemExit(f"unknown names {unknown}; known: {', '.join(known)}")
     return names
+
+
+def tuned_configurations() -> Dict[str, str]:
+    """The launch configurations fastvision timed and picked during this run (empty without Triton)."""
+    try:
+        from fastvision.triton_kernels._launch import tuned_configurations as picked
+    except Exception:  # no Triton: nothing was tuned
+        return {}
+    return picked()

@@ -27,6 +27,8 @@ from typing import Dict, List, Optional
 
 import torch
 
+from .common import tuned_configurations
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # compiled last; fastvision+compile keeps only the fused attention (the default policy, see
 # fastvision/modules/_compiled.py), fastvision+compile-all keeps every fused op. "+graph" (any variant):
@@ -342,6 +344,7 @@ def main(argv=None) -> int:
         payload["variants"].append(result)
         add_speedups(payload["variants"])
         payload["elapsed_s"] = time.perf_counter() - start
+        payload["tuned"] = tuned_configurations()
         write_json(args.out, payload)
         summary = result.get("error") or "{:.1f} img/s".format(result["images_per_s"])
         print(f"    {summary}", file=sys.stderr, flush=True)

@@ -677,7 +677,8 @@ def main(argv=None) -> Dict[str, object]:
     plot = common.plot_speedups(plot_panels(results), os.path.join(args.out, "micro.png"),
                                 xlabel="sequence length N (attention) / tokens B*N (others)",
                                 title=f"fastvision speedup over each baseline, {env['device_name']}, {args.dtype}")
-    payload.update(plot=None if plot is None else os.path.basename(plot), complete=True, elapsed_s=budget.elapsed())
+    payload.update(plot=None if plot is None else os.path.basename(plot), complete=True, elapsed_s=budget.elapsed(),
+                   tuned=common.tuned_configurations())
     common.write_json(json_path, payload)
     common.print_table(table_rows(results), ["op", "mode", "shape", "status", "ours ms", "best baseline", "best ms",
                                              "speedup", "graph ms", "graph speedup", "rate", "% ceiling",

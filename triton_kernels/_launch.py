@@ -102,6 +102,11 @@ def timed_choice(key, candidates, launch):
     return best
 
 
+def tuned_configurations() -> dict:
+    """What timed_choice picked so far, as strings (key: choice), for benchmark reports."""
+    return {", ".join(map(str, key)): str(choice) for key, choice in _TUNED.items()}
+
+
 _MULTIPROCESSORS = {}
 
 
