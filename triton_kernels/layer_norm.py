@@ -178,11 +178,11 @@ def layer_norm_bwd_kernel(
             mask = (rows < row_end) & col_mask
             h = by_row(tl.load(H + rows * stride_h + cols, mask=mask, other=0.0).to(acc_ty), ROWS)
             dy = by_row(tl.load(DY + rows * stride_dy + cols, mask=mask, other=0.0).to(acc_ty), ROWS)
-            # Column 0 carries each row's rstd into a row sum (the other columns' -0.0 fold
-            # away): loaded in the tile's register layout, where a [ROWS] vector would be
-            # reshuffled through shared memory.
-            rstd = tl.load(Rstd + rows + cols, mask=mask & (cols == 0), other=_negative_zero())
-            rstd = _row_sum(by_row(rstd, ROWS), in_row)
+            # One rstd per tile row ([T, 1], in the tile's register layout: a [ROWS] vector would be
+            # reshuffled through shared memory); a row's segments sit in the same thread, so the max
+            # over them is in-thread and gives the row's value as [1, ROWS, 1].
+            rstd = tl.load(Rstd + rows, mask=rows < row_end, other=0.0)
+            rstd = tl.max(by_row(rstd, ROWS), axis=0)[None, :, :]
             # Rows past row_end load h = dy = 0 and add nothing to dw and db.
             d = h - _row_sum(h, in_row) * (1.0 / N)
             g = dy * w if HAS_WEIGHT else dy
@@ -384,8 +384,7 @@ def layer_norm_bwd(dy, h, weight, rstd, skip_grad=None, needs_weight_grad=True, 
         )
         return sum_partials(partial) if needs_weight_grad else None
 
-    # rstd is loaded as a tile too (its column 0): 4 more bytes per element of a pipelined tile
-    candidates = _bwd_candidates(N, vec, sum(t.element_size() for t in loaded) + 4)
+    candidates = _bwd_candidates(N, vec, sum(t.element_size() for t in loaded))
     choice = candidates[0]
     if len(candidates) > 1 and h.device.type == "cuda" and tuning_enabled():
         key = ("layer_norm_bwd", N, vec, *(t.dtype for t in loaded), residual_dtype, tuple(flags.values()),
@@ -425,7 +424,7 @@ def aot_specializations():
                           "S": None, "HAS_WEIGHT": True, "NEEDS_WB_GRAD": True}
             if not residual:
                 constexprs.update(DH_SKIP=None, DR=None)
-            tile_bytes = (3 if residual else 2) * dtype.itemsize + 4
+            tile_bytes = (3 if residual else 2) * dtype.itemsize
             candidates = _bwd_candidates(n, vec, tile_bytes)
             if not (n == 768 and residual):  # every layout and pipeline depth tuning may pick, for one width
                 candidates = candidates[:1]
@@ -435,7 +434,7 @@ def aot_specializations():
                      DR="*bf16", DW_PARTIAL="*fp32")
     constexprs = {"N": 384, "HAS_SKIP_GRAD": True, "HAS_RESIDUAL_GRAD": True, "HAS_RESIDUAL_SCALE": True,
                   "HAS_WEIGHT": True, "NEEDS_WB_GRAD": True}
-    yield from _bwd_variants(signature, constexprs, _bwd_candidates(384, 8, 2 + 4 + 4 + 4))
+    yield from _bwd_variants(signature, constexprs, _bwd_candidates(384, 8, 2 + 4 + 4))
 
 
 def _bwd_variants(signature, constexprs, candidates):
