@@ -308,7 +308,7 @@ def layer_norm_fwd(x, weight, bias, eps, residual=None, out_dtype=None, residual
 
 
 # The backward's launch: the layout of _config, or for rows that a warp holds two or more of, one
-# row per warp in a wider segment (fewer registers per thread: 151 instead of 229 for N = 384 with
+# row per warp in a wider segment (fewer registers per thread: 149 instead of 221 for N = 384 with
 # an fp32 stream and a bf16 gradient, sm_90); the row loop's loads not pipelined or pipelined one or
 # two tiles ahead; a grid for 32 resident warps per SM (more programs, fewer tiles each), 12 or 8
 # (one wave of the programs that fit at ~150 or ~230 registers, each with a tile loop long enough
