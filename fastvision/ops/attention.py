@@ -388,14 +388,14 @@ def _dense_runs(cu_seqlens: Tensor, runs: Optional[List[int]]):
     return _runs_of(cu_seqlens, runs)
 
 
-def _run_heads(t: Tensor, start: int, length: int, count: int) -> Tensor:
-    """(count, H, length, d) view of a run of equal-length sequences in a (T, H, d) tensor."""
-    return t[start:start + length * count].view(count, length, *t.shape[1:]).transpose(1, 2)
-
-
 def _run_tokens(t: Tensor, start: int, length: int, count: int) -> Tensor:
     """(count, length, ...) view of a run of equal-length sequences in a (T, ...) tensor."""
     return t[start:start + length * count].view(count, length, *t.shape[1:])
+
+
+def _run_heads(t: Tensor, start: int, length: int, count: int) -> Tensor:
+    """(count, H, length, d) view of a run of equal-length sequences in a (T, H, d) tensor."""
+    return _run_tokens(t, start, length, count).transpose(1, 2)
 
 
 def _run_lse(lse: Tensor, heads: int, start: int, length: int, count: int) -> Tensor:
