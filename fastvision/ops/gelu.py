@@ -7,7 +7,7 @@ from torch import Tensor
 
 from . import _common as C
 from ._dispatch import call, define
-from .linear import bias_grad
+from .linear import linear_backward
 
 APPROXIMATIONS = ("none", "tanh")
 
@@ -140,7 +140,7 @@ class _BiasGeluLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b1, w2, b2, approximate):
         ctx.approximate = approximate
-        ctx.has_b2 = b2 is not None
+        ctx.b2_dtype = None if b2 is None else b2.dtype
         ctx.save_for_backward(a, b1, w2)
         return F.linear(bias_gelu(a, b1, approximate), w2, b2)
 
@@ -148,10 +148,9 @@ class _BiasGeluLinear(torch.autograd.Function):
     def backward(ctx, dy):
         a, b1, w2 = ctx.saved_tensors
         g = call("bias_gelu", a, b1, ctx.approximate)
-        dy_rows, g_rows = dy.reshape(-1, dy.shape[-1]), g.reshape(-1, g.shape[-1])
-        dw2 = dy_rows.t().mm(g_rows) if ctx.needs_input_grad[2] else None
-        db2 = bias_grad(dy_rows, w2.dtype) if ctx.has_b2 and ctx.needs_input_grad[3] else None
-        da, db1 = call("bias_gelu_backward", dy.matmul(w2), a, b1, ctx.approximate)
+        needs = ctx.needs_input_grad
+        dg, dw2, db2 = linear_backward(dy, g, w2, ctx.b2_dtype if needs[3] else None, True, needs[2])
+        da, db1 = call("bias_gelu_backward", dg, a, b1, ctx.approximate)
         return da, db1.to(b1.dtype), dw2, db2, None
 
 

@@ -6,7 +6,7 @@ On a ViT's tall (tokens, features) gradients that ran at about a quarter of the 
 forward and its two matmuls in the backward, and sums the bias gradient with
 ``triton_kernels.partial_sum.column_sum`` (per-program partial rows, then their sum: deterministic).
 """
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,16 @@ def bias_grad(grad_output: Tensor, dtype: torch.dtype) -> Tensor:
     return call("column_sum", grad_output).to(dtype)
 
 
+def linear_backward(dy: Tensor, x: Tensor, weight: Tensor, bias_dtype: Optional[torch.dtype], needs_input: bool,
+                    needs_weight: bool) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """(dx, dweight, dbias) of F.linear(x, weight, bias): cuBLAS matmuls, the bias gradient by column sums
+    in ``bias_dtype`` (None: no bias gradient); None for what is not needed."""
+    dx = dy.matmul(weight) if needs_input else None
+    dw = dy.reshape(-1, dy.shape[-1]).t().mm(x.reshape(-1, x.shape[-1])) if needs_weight else None
+    db = bias_grad(dy, bias_dtype) if bias_dtype is not None else None
+    return dx, dw, db
+
+
 class _Linear(torch.autograd.Function):
     """F.linear(x, weight, bias) with bias cast to x's dtype in the forward and its gradient summed in
     float32 by the column-sum kernel, returned in the bias's own dtype (an fp32 parameter under
@@ -50,12 +60,8 @@ class _Linear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
-        dx = dy.matmul(weight) if ctx.needs_input_grad[0] else None
-        dw = None
-        if ctx.needs_input_grad[1]:
-            dw = dy.reshape(-1, dy.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]))
-        db = bias_grad(dy, ctx.bias_dtype) if ctx.needs_input_grad[2] else None
-        return dx, dw, db
+        needs = ctx.needs_input_grad
+        return linear_backward(dy, x, weight, ctx.bias_dtype if needs[2] else None, needs[0], needs[1])
 
 
 def linear_decline(x: Tensor, weight: Tensor, bias: Optional[Tensor], autocast: bool = False) -> Optional[str]:
