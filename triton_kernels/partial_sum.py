@@ -52,7 +52,7 @@ def _meta(rows: int, itemsize: int) -> dict:
     return dict(BLOCK_P=block_p, BLOCK_N=block_n, STAGES=STAGES, num_warps=8 if block_p * block_n >= MAX_TILE else 4)
 
 
-def _launch(x, out, groups, rows, n, stride_group, stride_row, splits):
+def _sum_rows(x, out, groups, rows, n, stride_group, stride_row, splits):
     rows_per_split = cdiv(rows, splits)
     meta = _meta(rows_per_split, x.element_size())
     grid = (cdiv(n, meta["BLOCK_N"]), groups, splits)
@@ -67,7 +67,7 @@ def sum_partials(partial: torch.Tensor) -> torch.Tensor:
     if P == 0:
         out.zero_()
     elif N:
-        _launch(grouped, out, G, P, N, P * N, N, 1)
+        _sum_rows(grouped, out, G, P, N, P * N, N, 1)
     return out if partial.dim() == 3 else out[0]
 
 
@@ -80,7 +80,7 @@ def column_sum(x: torch.Tensor) -> torch.Tensor:
     column_blocks = cdiv(N, ROW_BYTES // x.element_size())
     splits = max(1, min(reduction_programs(M, x.device) // column_blocks, cdiv(M, 256)))
     partial = torch.empty((splits, N), dtype=out_dtype, device=x.device)
-    _launch(x, partial, 1, M, N, 0, x.stride(0), splits)
+    _sum_rows(x, partial, 1, M, N, 0, x.stride(0), splits)
     return partial[0] if splits == 1 else sum_partials(partial)
 
 
