@@ -38,7 +38,8 @@ cd "$(dirname "$0")/.."
 
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
 STEPS=",${SUITE_STEPS:-env,build,new-tests,dino,micro,dino-s8,conv-tests,host,resnet,models,tests,verify},"
-NEW_TESTS="${NEW_TESTS:-tests/test_linear.py tests/test_partial_sum.py tests/test_dino_cuda_graph.py
+NEW_TESTS="${NEW_TESTS:-tests/test_linear.py tests/test_partial_sum.py
+  tests/test_attention.py::test_short_ragged_end_either_way tests/test_dino_cuda_graph.py
   tests/test_attention_varlen.py tests/test_packed_multicrop.py tests/test_patch_vit.py tests/test_layer_norm.py
   tests/test_gelu.py}"
 GPU_TEST_SECONDS="${GPU_TEST_SECONDS:-150}"

@@ -99,6 +99,25 @@ def test_attention_matches_float64(device, B, H, N, d, dtype, packed):
 
 
 @pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("split_tail", [False, True], ids=["one_masked_block", "tail_tiles"])
+@pytest.mark.parametrize("N", [1, 145, 197])
+def test_short_ragged_end_either_way(device, N, split_tail, monkeypatch):
+    """64-row blocks leave 1, 17 and 5 rows (queries, and keys for dk/dv) that SPLIT_TAIL runs in 16-row tiles."""
+    from fastvision.triton_kernels import attention as kernels
+
+    blocks = {"BLOCK_M": 64, "BLOCK_N": 64, "SPLIT_TAIL": split_tail}
+    if device == "cuda":
+        monkeypatch.setattr(kernels, "forced_config", kernels._config(64, 64, 4, 2, split_tail))
+    else:
+        monkeypatch.setattr(kernels, "INTERPRETER_BLOCKS", blocks)
+    inputs = _qkv(2, 2, N, 64, torch.float16, device, packed=True)
+    _check(inputs, torch.float16)
+    out, rows = _fused(inputs, 0.125, return_attn_rows=3)
+    q, k, _ = _as_heads(float64_copies(*inputs))
+    assert_close(rows, ((q @ k.transpose(-2, -1)) * 0.125).softmax(-1)[:, :, :3], torch.float16, name="rows")
+
+
+@pytest.mark.parametrize("device", kernel_devices())
 @pytest.mark.parametrize("N", [37, 197])
 def test_bf16_large_logits_no_worse_than_eager(device, N):
     """std 3 inputs in bf16: output within 1e-2; every gradient within 1.25x eager bf16 autograd's error."""
@@ -336,6 +355,22 @@ def test_tuning_picks_the_fastest_fitting_configuration_once(monkeypatch):
     assert _launch.timed_choice(("key",), candidates, launch) is fast
     assert len(calls) == len(candidates)
     assert _launch.timed_choice(("key",), candidates, launch) is fast and len(calls) == len(candidates)
+
+
+def test_split_tail_candidates_only_where_n_leaves_a_short_end():
+    from fastvision.triton_kernels import attention as kernels
+
+    def split_blocks(kernel, n):
+        axis = kernels.GRID_AXIS[kernel]
+        return sorted(c.kwargs[axis] for c in kernels.candidate_configs(kernel, n, 64, 2) if c.kwargs["SPLIT_TAIL"])
+
+    fwd, dkdv = kernels.attention_fwd_kernel, kernels.attention_bwd_dkdv_kernel
+    assert split_blocks(fwd, 197) == [64, 64]          # 197 = 3·64 + 5; 197 = 128 + 69 is no short end
+    assert split_blocks(fwd, 785) == [64, 64, 128]     # 785 = 12·64 + 17 = 6·128 + 17
+    assert split_blocks(dkdv, 197) == [64, 64]
+    assert split_blocks(fwd, 256) == split_blocks(fwd, 37) == split_blocks(dkdv, 4096) == []
+    for kernel in kernels.CONFIGS:
+        assert not kernels.heuristic_config(kernel, 197, 64, 64, 2).kwargs["SPLIT_TAIL"]
 
 
 def test_candidates_fit_shared_memory_for_every_dtype_and_head_dim():

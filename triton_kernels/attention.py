@@ -5,8 +5,9 @@ Forward, per (batch, head) and block of BLOCK_M query rows, streaming over key b
     acc = Σ exp(s - m) v  →  o = acc / l,  lse = m + log l   (no N×N matrix in memory)
 Scores are kept in base 2 (scale · log2 e) so the exponentials are exp2. Every loop runs its full
 blocks unmasked, then the ragged end masked: one more full block when it fills more than half of
-one, else TAIL_BLOCK-wide blocks.
-With N_ROWS > 0 the first block also writes softmax(s) of its first N_ROWS query rows
+one, else TAIL_BLOCK-wide blocks. The grid's blocks may do the same (SPLIT_TAIL, a tuned option): the
+program holding a short ragged end of the queries (of the keys for dk/dv) runs it in TAIL_BLOCK-row tiles.
+With N_ROWS > 0 the tile holding the first N_ROWS query rows also writes their softmax(s)
 (DINO's CLS attention maps) in a second sweep that reuses the final lse.
 
 Backward (recompute, no atomics, deterministic):
@@ -31,6 +32,9 @@ LOG2E = tl.constexpr(1.4426950408889634)
 # A short ragged end of a sequence (N mod block, at most half a block) runs in blocks of 16 instead of
 # one full masked block: at N = 197 with 64-wide blocks, 208 keys of work per query instead of 256.
 TAIL_BLOCK = tl.constexpr(16)
+# Those 16-row tiles run on mma.sync, whose operands sit in registers: the other axis streams past them in
+# 32-wide blocks (sm_90, 64×64 blocks: 156 registers for the whole forward kernel instead of 178).
+TAIL_STREAM_BLOCK = tl.constexpr(32)
 
 
 @triton.jit
@@ -82,6 +86,14 @@ def _head_rows(X, b, h, start, stride_b, stride_h, stride_n):
 
 
 @triton.jit
+def _splits_tail(start, N, BLOCK: tl.constexpr, SPLIT_TAIL: tl.constexpr):
+    """Whether the block from ``start`` is a short ragged end (at most half a block) to run in TAIL_BLOCK-row
+    tiles: 16 rows of work instead of BLOCK for the last 5 of N = 197. Without SPLIT_TAIL the condition folds
+    to false at compile time and the tail path is dropped."""
+    return (N - start <= BLOCK // 2) & SPLIT_TAIL
+
+
+@triton.jit
 def _scores(q, k, bias_base, stride_bm, stride_bn, offs_m, offs_n, N, bias_mult,
             HAS_BIAS: tl.constexpr, MASK_KEYS: tl.constexpr, PRECISION: tl.constexpr):
     """q kᵀ (+ bias / scale) for a (BLOCK_M, BLOCK_N) tile; key columns past N are -inf when MASK_KEYS.
@@ -120,57 +132,41 @@ def _fwd_block(acc, l_i, m_i, q, k_base, v_base, bias_base, start_n, offs_m, off
     return acc, l_i, m_new
 
 
-@triton.jit(do_not_specialize=["N"])
-def attention_fwd_kernel(
-    Q, K, V, Bias, O, LSE, Rows, CuSeqlens,
-    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    stride_bb, stride_bh, stride_bm, stride_bn, stride_ob, stride_oh, stride_on, stride_rb, stride_rh, stride_rm,
-    stride_lb, stride_lh, H, N, scale_log2, bias_mult,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_BIAS: tl.constexpr, N_ROWS: tl.constexpr, PRECISION: tl.constexpr, VARLEN: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b, h, start, N = _sequence(pid_bh, H, N, CuSeqlens, VARLEN)
-    # A query block past the end of a short packed sequence runs no key block and stores nothing.
-    kv_len = tl.where(pid_m * BLOCK_M < N, N, 0)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D_PAD)
-    k_base = _head_rows(K, b, h, start, stride_kb, stride_kh, stride_kn)
-    v_base = _head_rows(V, b, h, start, stride_vb, stride_vh, stride_vn)
-    bias_base = Bias + b * stride_bb + h * stride_bh
-    q = _load_rows(_head_rows(Q, b, h, start, stride_qb, stride_qh, stride_qn), offs_m, offs_d, stride_qn, N,
-                   HEAD_DIM, D_PAD, True)
-
-    acc_ty = tl.float64 if Q.dtype.element_ty == tl.float64 else tl.float32
+@triton.jit
+def _fwd_tile(q_base, k_base, v_base, bias_base, o_base, lse_base, rows_base, start_m, offs_d,
+              stride_qn, stride_kn, stride_vn, stride_bm, stride_bn, stride_on, stride_rm, N, scale_log2, bias_mult,
+              HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              HAS_BIAS: tl.constexpr, N_ROWS: tl.constexpr, PRECISION: tl.constexpr):
+    """Output, lse (and attention rows below N_ROWS) of the BLOCK_M query rows from start_m."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    q = _load_rows(q_base, offs_m, offs_d, stride_qn, N, HEAD_DIM, D_PAD, True)
+    acc_ty = tl.float64 if q_base.dtype.element_ty == tl.float64 else tl.float32
     m_i = tl.full([BLOCK_M], -float("inf"), dtype=acc_ty)
     l_i = tl.zeros([BLOCK_M], dtype=acc_ty)
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=acc_ty)
     # Full key blocks without masks, then the partial last block with them.
-    full_end = (kv_len // BLOCK_N) * BLOCK_N
+    full_end = (N // BLOCK_N) * BLOCK_N
     for start_n in range(0, full_end, BLOCK_N):
         acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_base, v_base, bias_base, start_n, offs_m, offs_d,
                                    stride_kn, stride_vn, stride_bm, stride_bn, N, scale_log2, bias_mult,
                                    HEAD_DIM, D_PAD, BLOCK_N, HAS_BIAS, False, PRECISION)
-    if kv_len - full_end > BLOCK_N // 2:
+    if N - full_end > BLOCK_N // 2:
         acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_base, v_base, bias_base, full_end, offs_m, offs_d,
                                    stride_kn, stride_vn, stride_bm, stride_bn, N, scale_log2, bias_mult,
                                    HEAD_DIM, D_PAD, BLOCK_N, HAS_BIAS, True, PRECISION)
     else:
-        for start_n in range(full_end, kv_len, TAIL_BLOCK):
+        for start_n in range(full_end, N, TAIL_BLOCK):
             acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_base, v_base, bias_base, start_n, offs_m, offs_d,
                                        stride_kn, stride_vn, stride_bm, stride_bn, N, scale_log2, bias_mult,
                                        HEAD_DIM, D_PAD, TAIL_BLOCK, HAS_BIAS, True, PRECISION)
 
     # A fully masked row gives 0/0 = NaN and lse = -inf, as softmax over all -inf does.
     lse2 = tl.where(m_i == -float("inf"), 0.0, m_i) + tl.log2(l_i)
-    _store_rows(_head_rows(O, b, h, start, stride_ob, stride_oh, stride_on), offs_m, offs_d, stride_on,
-                acc / l_i[:, None], N, HEAD_DIM)
-    tl.store(LSE + b * stride_lb + h * stride_lh + start + offs_m, lse2, mask=offs_m < N)
+    _store_rows(o_base, offs_m, offs_d, stride_on, acc / l_i[:, None], N, HEAD_DIM)
+    tl.store(lse_base + offs_m, lse2, mask=offs_m < N)
 
     if N_ROWS > 0:
-        if pid_m == 0:
-            rows_base = Rows + b * stride_rb + h * stride_rh
+        if start_m < N_ROWS:
             for start_n in range(0, N, BLOCK_N):
                 offs_n = start_n + tl.arange(0, BLOCK_N)
                 k = _load_rows(k_base, offs_n, offs_d, stride_kn, N, HEAD_DIM, D_PAD, True)
@@ -179,7 +175,42 @@ def attention_fwd_kernel(
                 p = tl.exp2(s * scale_log2 - lse2[:, None])
                 r_mask = (offs_m[:, None] < N_ROWS) & (offs_n[None, :] < N)
                 r_ptrs = rows_base + offs_m[:, None] * stride_rm + offs_n[None, :]
-                tl.store(r_ptrs, p.to(Rows.dtype.element_ty), mask=r_mask)
+                tl.store(r_ptrs, p.to(rows_base.dtype.element_ty), mask=r_mask)
+
+
+@triton.jit(do_not_specialize=["N"])
+def attention_fwd_kernel(
+    Q, K, V, Bias, O, LSE, Rows, CuSeqlens,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_bb, stride_bh, stride_bm, stride_bn, stride_ob, stride_oh, stride_on, stride_rb, stride_rh, stride_rm,
+    stride_lb, stride_lh, H, N, scale_log2, bias_mult,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT_TAIL: tl.constexpr, HAS_BIAS: tl.constexpr, N_ROWS: tl.constexpr, PRECISION: tl.constexpr,
+    VARLEN: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b, h, start, N = _sequence(pid_bh, H, N, CuSeqlens, VARLEN)
+    start_m = pid_m * BLOCK_M
+    # A query block past the end of a short packed sequence has nothing to do.
+    if start_m < N:
+        q_base = _head_rows(Q, b, h, start, stride_qb, stride_qh, stride_qn)
+        k_base = _head_rows(K, b, h, start, stride_kb, stride_kh, stride_kn)
+        v_base = _head_rows(V, b, h, start, stride_vb, stride_vh, stride_vn)
+        o_base = _head_rows(O, b, h, start, stride_ob, stride_oh, stride_on)
+        bias_base = Bias + b * stride_bb + h * stride_bh
+        lse_base = LSE + b * stride_lb + h * stride_lh + start
+        rows_base = Rows + b * stride_rb + h * stride_rh
+        offs_d = tl.arange(0, D_PAD)
+        if _splits_tail(start_m, N, BLOCK_M, SPLIT_TAIL):
+            for tail_m in range(start_m, N, TAIL_BLOCK):
+                _fwd_tile(q_base, k_base, v_base, bias_base, o_base, lse_base, rows_base, tail_m, offs_d,
+                          stride_qn, stride_kn, stride_vn, stride_bm, stride_bn, stride_on, stride_rm, N,
+                          scale_log2, bias_mult, HEAD_DIM, D_PAD, TAIL_BLOCK, TAIL_STREAM_BLOCK, HAS_BIAS, N_ROWS, PRECISION)
+        else:
+            _fwd_tile(q_base, k_base, v_base, bias_base, o_base, lse_base, rows_base, start_m, offs_d,
+                      stride_qn, stride_kn, stride_vn, stride_bm, stride_bn, stride_on, stride_rm, N,
+                      scale_log2, bias_mult, HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N, HAS_BIAS, N_ROWS, PRECISION)
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -231,6 +262,37 @@ def _dkdv_block(dk, dv, k, v, q_base, do_base, bias_base, lse_base, delta_base, 
     return dk, dv
 
 
+@triton.jit
+def _dkdv_tile(k_base, v_base, q_base, do_base, bias_base, lse_base, delta_base, dk_base, dv_base, start_n, offs_d,
+               stride_kn, stride_vn, stride_qn, stride_dn, stride_bm, stride_bn, stride_dkn, stride_dvn, N, scale,
+               scale_log2, bias_mult, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
+    """dk, dv of the BLOCK_N key rows from start_n, looping over every query block."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    # Key rows past N read k = v = 0 and are not stored.
+    k = _load_rows(k_base, offs_n, offs_d, stride_kn, N, HEAD_DIM, D_PAD, True)
+    v = _load_rows(v_base, offs_n, offs_d, stride_vn, N, HEAD_DIM, D_PAD, True)
+    acc_ty = tl.float64 if q_base.dtype.element_ty == tl.float64 else tl.float32
+    dk = tl.zeros([BLOCK_N, D_PAD], dtype=acc_ty)
+    dv = tl.zeros([BLOCK_N, D_PAD], dtype=acc_ty)
+    full_end = (N // BLOCK_M) * BLOCK_M
+    for start_m in range(0, full_end, BLOCK_M):
+        dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, bias_base, lse_base, delta_base, start_m, offs_n,
+                             offs_d, stride_qn, stride_dn, stride_bm, stride_bn, N, scale_log2, bias_mult,
+                             HEAD_DIM, D_PAD, BLOCK_M, HAS_BIAS, False, PRECISION)
+    if N - full_end > BLOCK_M // 2:
+        dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, bias_base, lse_base, delta_base, full_end, offs_n,
+                             offs_d, stride_qn, stride_dn, stride_bm, stride_bn, N, scale_log2, bias_mult,
+                             HEAD_DIM, D_PAD, BLOCK_M, HAS_BIAS, True, PRECISION)
+    else:
+        for start_m in range(full_end, N, TAIL_BLOCK):
+            dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, bias_base, lse_base, delta_base, start_m, offs_n,
+                                 offs_d, stride_qn, stride_dn, stride_bm, stride_bn, N, scale_log2, bias_mult,
+                                 HEAD_DIM, D_PAD, TAIL_BLOCK, HAS_BIAS, True, PRECISION)
+    _store_rows(dk_base, offs_n, offs_d, stride_dkn, dk * scale, N, HEAD_DIM)
+    _store_rows(dv_base, offs_n, offs_d, stride_dvn, dv, N, HEAD_DIM)
+
+
 @triton.jit(do_not_specialize=["N"])
 def attention_bwd_dkdv_kernel(
     Q, K, V, Bias, DO, LSE, Delta, DK, DV, CuSeqlens,
@@ -239,47 +301,34 @@ def attention_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
     stride_lb, stride_lh, H, N, scale, scale_log2, bias_mult,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, VARLEN: tl.constexpr,
+    SPLIT_TAIL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, VARLEN: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b, h, start, N = _sequence(pid_bh, H, N, CuSeqlens, VARLEN)
-    q_len = tl.where(pid_n * BLOCK_N < N, N, 0)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D_PAD)
-    q_base = _head_rows(Q, b, h, start, stride_qb, stride_qh, stride_qn)
-    do_base = _head_rows(DO, b, h, start, stride_db, stride_dh, stride_dn)
-    bias_base = Bias + b * stride_bb + h * stride_bh
-    lse_base = LSE + b * stride_lb + h * stride_lh + start
-    delta_base = Delta + b * stride_lb + h * stride_lh + start
-    # Key rows past N read k = v = 0 and are not stored.
-    k = _load_rows(_head_rows(K, b, h, start, stride_kb, stride_kh, stride_kn), offs_n, offs_d, stride_kn, N,
-                   HEAD_DIM, D_PAD, True)
-    v = _load_rows(_head_rows(V, b, h, start, stride_vb, stride_vh, stride_vn), offs_n, offs_d, stride_vn, N,
-                   HEAD_DIM, D_PAD, True)
-
-    acc_ty = tl.float64 if Q.dtype.element_ty == tl.float64 else tl.float32
-    dk = tl.zeros([BLOCK_N, D_PAD], dtype=acc_ty)
-    dv = tl.zeros([BLOCK_N, D_PAD], dtype=acc_ty)
-    full_end = (q_len // BLOCK_M) * BLOCK_M
-    for start_m in range(0, full_end, BLOCK_M):
-        dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, bias_base, lse_base, delta_base, start_m, offs_n,
-                             offs_d, stride_qn, stride_dn, stride_bm, stride_bn, N, scale_log2, bias_mult,
-                             HEAD_DIM, D_PAD, BLOCK_M, HAS_BIAS, False, PRECISION)
-    if q_len - full_end > BLOCK_M // 2:
-        dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, bias_base, lse_base, delta_base, full_end, offs_n,
-                             offs_d, stride_qn, stride_dn, stride_bm, stride_bn, N, scale_log2, bias_mult,
-                             HEAD_DIM, D_PAD, BLOCK_M, HAS_BIAS, True, PRECISION)
-    else:
-        for start_m in range(full_end, q_len, TAIL_BLOCK):
-            dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, bias_base, lse_base, delta_base, start_m, offs_n,
-                                 offs_d, stride_qn, stride_dn, stride_bm, stride_bn, N, scale_log2, bias_mult,
-                                 HEAD_DIM, D_PAD, TAIL_BLOCK, HAS_BIAS, True, PRECISION)
-
-    _store_rows(_head_rows(DK, b, h, start, stride_dkb, stride_dkh, stride_dkn), offs_n, offs_d, stride_dkn,
-                dk * scale, N, HEAD_DIM)
-    _store_rows(_head_rows(DV, b, h, start, stride_dvb, stride_dvh, stride_dvn), offs_n, offs_d, stride_dvn,
-                dv, N, HEAD_DIM)
+    start_n = pid_n * BLOCK_N
+    if start_n < N:
+        k_base = _head_rows(K, b, h, start, stride_kb, stride_kh, stride_kn)
+        v_base = _head_rows(V, b, h, start, stride_vb, stride_vh, stride_vn)
+        q_base = _head_rows(Q, b, h, start, stride_qb, stride_qh, stride_qn)
+        do_base = _head_rows(DO, b, h, start, stride_db, stride_dh, stride_dn)
+        dk_base = _head_rows(DK, b, h, start, stride_dkb, stride_dkh, stride_dkn)
+        dv_base = _head_rows(DV, b, h, start, stride_dvb, stride_dvh, stride_dvn)
+        bias_base = Bias + b * stride_bb + h * stride_bh
+        lse_base = LSE + b * stride_lb + h * stride_lh + start
+        delta_base = Delta + b * stride_lb + h * stride_lh + start
+        offs_d = tl.arange(0, D_PAD)
+        if _splits_tail(start_n, N, BLOCK_N, SPLIT_TAIL):
+            for tail_n in range(start_n, N, TAIL_BLOCK):
+                _dkdv_tile(k_base, v_base, q_base, do_base, bias_base, lse_base, delta_base, dk_base, dv_base,
+                           tail_n, offs_d, stride_kn, stride_vn, stride_qn, stride_dn, stride_bm, stride_bn,
+                           stride_dkn, stride_dvn, N, scale, scale_log2, bias_mult, HEAD_DIM, D_PAD,
+                           TAIL_STREAM_BLOCK, TAIL_BLOCK, HAS_BIAS, PRECISION)
+        else:
+            _dkdv_tile(k_base, v_base, q_base, do_base, bias_base, lse_base, delta_base, dk_base, dv_base,
+                       start_n, offs_d, stride_kn, stride_vn, stride_qn, stride_dn, stride_bm, stride_bn,
+                       stride_dkn, stride_dvn, N, scale, scale_log2, bias_mult, HEAD_DIM, D_PAD, BLOCK_M,
+                       BLOCK_N, HAS_BIAS, PRECISION)
 
 
 @triton.jit
@@ -299,6 +348,36 @@ def _dq_block(dq, q, do, lse2, delta, k_base, v_base, bias_base, start_n, offs_m
     return tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
 
 
+@triton.jit
+def _dq_tile(q_base, do_base, k_base, v_base, bias_base, lse_base, delta_base, dq_base, start_m, offs_d,
+             stride_qn, stride_dn, stride_kn, stride_vn, stride_bm, stride_bn, stride_dqn, N, scale, scale_log2,
+             bias_mult, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
+    """dq of the BLOCK_M query rows from start_m, looping over every key block."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    q = _load_rows(q_base, offs_m, offs_d, stride_qn, N, HEAD_DIM, D_PAD, True)
+    do = _load_rows(do_base, offs_m, offs_d, stride_dn, N, HEAD_DIM, D_PAD, True)
+    lse2 = tl.load(lse_base + offs_m, mask=offs_m < N, other=0.0)
+    delta = tl.load(delta_base + offs_m, mask=offs_m < N, other=0.0)
+    acc_ty = tl.float64 if q_base.dtype.element_ty == tl.float64 else tl.float32
+    dq = tl.zeros([BLOCK_M, D_PAD], dtype=acc_ty)
+    full_end = (N // BLOCK_N) * BLOCK_N
+    for start_n in range(0, full_end, BLOCK_N):
+        dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, bias_base, start_n, offs_m, offs_d,
+                       stride_kn, stride_vn, stride_bm, stride_bn, N, scale_log2, bias_mult,
+                       HEAD_DIM, D_PAD, BLOCK_N, HAS_BIAS, False, PRECISION)
+    if N - full_end > BLOCK_N // 2:
+        dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, bias_base, full_end, offs_m, offs_d,
+                       stride_kn, stride_vn, stride_bm, stride_bn, N, scale_log2, bias_mult,
+                       HEAD_DIM, D_PAD, BLOCK_N, HAS_BIAS, True, PRECISION)
+    else:
+        for start_n in range(full_end, N, TAIL_BLOCK):
+            dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, bias_base, start_n, offs_m, offs_d,
+                           stride_kn, stride_vn, stride_bm, stride_bn, N, scale_log2, bias_mult,
+                           HEAD_DIM, D_PAD, TAIL_BLOCK, HAS_BIAS, True, PRECISION)
+    _store_rows(dq_base, offs_m, offs_d, stride_dqn, dq * scale, N, HEAD_DIM)
+
+
 @triton.jit(do_not_specialize=["N"])
 def attention_bwd_dq_kernel(
     Q, K, V, Bias, DO, LSE, Delta, DQ, CuSeqlens,
@@ -307,44 +386,31 @@ def attention_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqn,
     stride_lb, stride_lh, H, N, scale, scale_log2, bias_mult,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, VARLEN: tl.constexpr,
+    SPLIT_TAIL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, VARLEN: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b, h, start, N = _sequence(pid_bh, H, N, CuSeqlens, VARLEN)
-    kv_len = tl.where(pid_m * BLOCK_M < N, N, 0)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D_PAD)
-    k_base = _head_rows(K, b, h, start, stride_kb, stride_kh, stride_kn)
-    v_base = _head_rows(V, b, h, start, stride_vb, stride_vh, stride_vn)
-    bias_base = Bias + b * stride_bb + h * stride_bh
-    row_base = b * stride_lb + h * stride_lh + start
-    q = _load_rows(_head_rows(Q, b, h, start, stride_qb, stride_qh, stride_qn), offs_m, offs_d, stride_qn, N,
-                   HEAD_DIM, D_PAD, True)
-    do = _load_rows(_head_rows(DO, b, h, start, stride_db, stride_dh, stride_dn), offs_m, offs_d, stride_dn, N,
-                    HEAD_DIM, D_PAD, True)
-    lse2 = tl.load(LSE + row_base + offs_m, mask=offs_m < N, other=0.0)
-    delta = tl.load(Delta + row_base + offs_m, mask=offs_m < N, other=0.0)
-
-    acc_ty = tl.float64 if Q.dtype.element_ty == tl.float64 else tl.float32
-    dq = tl.zeros([BLOCK_M, D_PAD], dtype=acc_ty)
-    full_end = (kv_len // BLOCK_N) * BLOCK_N
-    for start_n in range(0, full_end, BLOCK_N):
-        dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, bias_base, start_n, offs_m, offs_d,
-                       stride_kn, stride_vn, stride_bm, stride_bn, N, scale_log2, bias_mult,
-                       HEAD_DIM, D_PAD, BLOCK_N, HAS_BIAS, False, PRECISION)
-    if kv_len - full_end > BLOCK_N // 2:
-        dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, bias_base, full_end, offs_m, offs_d,
-                       stride_kn, stride_vn, stride_bm, stride_bn, N, scale_log2, bias_mult,
-                       HEAD_DIM, D_PAD, BLOCK_N, HAS_BIAS, True, PRECISION)
-    else:
-        for start_n in range(full_end, kv_len, TAIL_BLOCK):
-            dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, bias_base, start_n, offs_m, offs_d,
-                           stride_kn, stride_vn, stride_bm, stride_bn, N, scale_log2, bias_mult,
-                           HEAD_DIM, D_PAD, TAIL_BLOCK, HAS_BIAS, True, PRECISION)
-
-    _store_rows(_head_rows(DQ, b, h, start, stride_dqb, stride_dqh, stride_dqn), offs_m, offs_d, stride_dqn,
-                dq * scale, N, HEAD_DIM)
+    start_m = pid_m * BLOCK_M
+    if start_m < N:
+        q_base = _head_rows(Q, b, h, start, stride_qb, stride_qh, stride_qn)
+        do_base = _head_rows(DO, b, h, start, stride_db, stride_dh, stride_dn)
+        k_base = _head_rows(K, b, h, start, stride_kb, stride_kh, stride_kn)
+        v_base = _head_rows(V, b, h, start, stride_vb, stride_vh, stride_vn)
+        dq_base = _head_rows(DQ, b, h, start, stride_dqb, stride_dqh, stride_dqn)
+        bias_base = Bias + b * stride_bb + h * stride_bh
+        lse_base = LSE + b * stride_lb + h * stride_lh + start
+        delta_base = Delta + b * stride_lb + h * stride_lh + start
+        offs_d = tl.arange(0, D_PAD)
+        if _splits_tail(start_m, N, BLOCK_M, SPLIT_TAIL):
+            for tail_m in range(start_m, N, TAIL_BLOCK):
+                _dq_tile(q_base, do_base, k_base, v_base, bias_base, lse_base, delta_base, dq_base, tail_m, offs_d,
+                         stride_qn, stride_dn, stride_kn, stride_vn, stride_bm, stride_bn, stride_dqn, N, scale,
+                         scale_log2, bias_mult, HEAD_DIM, D_PAD, TAIL_BLOCK, TAIL_STREAM_BLOCK, HAS_BIAS, PRECISION)
+        else:
+            _dq_tile(q_base, do_base, k_base, v_base, bias_base, lse_base, delta_base, dq_base, start_m, offs_d,
+                     stride_qn, stride_dn, stride_kn, stride_vn, stride_bm, stride_bn, stride_dqn, N, scale,
+                     scale_log2, bias_mult, HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N, HAS_BIAS, PRECISION)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,30 +421,35 @@ def attention_bwd_dq_kernel(
 # (kernel, tuning_class(N), head dim, dtype, bias) and the fastest is kept; else a heuristic picks one.
 # N is not specialised, so one compiled kernel serves every sequence length.
 
-def _config(block_m, block_n, warps, stages):
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+def _config(block_m, block_n, warps, stages, split_tail=False):
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "SPLIT_TAIL": split_tail},
+                         num_warps=warps, num_stages=stages)
 
 
 FWD_CONFIGS = [
     _config(128, 64, 4, 3), _config(128, 128, 8, 3), _config(128, 32, 4, 3), _config(64, 64, 4, 3),
     _config(64, 32, 4, 2), _config(128, 64, 8, 2), _config(64, 128, 4, 2), _config(64, 256, 4, 1),
     _config(128, 256, 8, 1),  # N ≤ 256 (a 224-px image at patch 14 or 16): all keys in one block
+    # The last query block in 16-row tiles (_splits_tail): only offered where N leaves a short end.
+    _config(64, 64, 4, 3, True), _config(64, 32, 4, 2, True), _config(128, 64, 4, 3, True),
 ]
 DKDV_CONFIGS = [
     _config(64, 64, 4, 2), _config(32, 64, 4, 2), _config(64, 128, 8, 2), _config(32, 128, 4, 2),
     _config(16, 64, 4, 2), _config(64, 32, 4, 2),
+    _config(64, 64, 4, 2, True), _config(32, 64, 4, 2, True), _config(64, 128, 8, 2, True),
 ]
 DQ_CONFIGS = [
     _config(64, 64, 4, 2), _config(128, 64, 8, 2), _config(64, 32, 4, 2), _config(128, 32, 4, 2),
     _config(32, 64, 4, 2),
+    _config(64, 64, 4, 2, True),
 ]
 SMALLEST_CONFIG = _config(16, 32, 4, 1)
 DELTA_BLOCK_M = 64
 # Under sm_80's 163 KB (sm_90 has 227 KB), with room for the compiler's own scratch.
 SHARED_MEMORY_BUDGET = 160 * 1024
 # The interpreter's cost is per program and loop step: long sequences take big tiles.
-INTERPRETER_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 64}
-INTERPRETER_LONG_BLOCKS = {"BLOCK_M": 128, "BLOCK_N": 128}
+INTERPRETER_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 64, "SPLIT_TAIL": True}
+INTERPRETER_LONG_BLOCKS = {"BLOCK_M": 128, "BLOCK_N": 128, "SPLIT_TAIL": False}
 
 
 def tuning_class(n: int) -> int:
@@ -399,11 +470,19 @@ def shared_memory_estimate(kernel, cfg, d_pad: int, element_bytes: int) -> int:
     return (resident + cfg.num_stages * streamed) * d_pad * element_bytes
 
 
+def leaves_short_tail(kernel, cfg, n: int) -> bool:
+    """Whether N ends in a partial block of at most half the grid's block, which SPLIT_TAIL runs in
+    TAIL_BLOCK-row tiles (N = 197: 5 rows past three 64-row blocks)."""
+    block = cfg.kwargs[GRID_AXIS[kernel]]
+    return 0 < n % block <= block // 2
+
+
 def candidate_configs(kernel, n: int, d_pad: int, element_bytes: int):
     """Configurations worth running for this sequence length that fit in shared memory."""
     limit = max(next_power_of_2(n), 16)
     fits = [c for c in CONFIGS[kernel]
             if c.kwargs["BLOCK_M"] <= limit and c.kwargs["BLOCK_N"] <= max(limit, 32)
+            and (not c.kwargs["SPLIT_TAIL"] or leaves_short_tail(kernel, c, n))
             and shared_memory_estimate(kernel, c, d_pad, element_bytes) <= SHARED_MEMORY_BUDGET]
     return fits or [SMALLEST_CONFIG]
 
@@ -418,12 +497,17 @@ def heuristic_config(kernel, n: int, head_dim: int, d_pad: int, element_bytes: i
 
 CONFIGS = {attention_fwd_kernel: FWD_CONFIGS, attention_bwd_dkdv_kernel: DKDV_CONFIGS,
            attention_bwd_dq_kernel: DQ_CONFIGS}
+# The block the grid tiles N by: query rows forward and for dq, key rows for dk/dv.
+GRID_AXIS = {attention_fwd_kernel: "BLOCK_M", attention_bwd_dkdv_kernel: "BLOCK_N",
+             attention_bwd_dq_kernel: "BLOCK_M"}
 # Tests set this to a triton.Config to run every kernel with that one configuration.
 forced_config = None
 
 
-def _launch(kernel, grid_axis, tensor, n, programs_per_row, *args, **meta):
+def _launch(kernel, tensor, n, programs_per_row, *args, **meta):
     """Grid: (blocks along N, B*H). Timed, forced or heuristic blocks on CUDA; fixed in the interpreter."""
+    grid_axis = GRID_AXIS[kernel]
+
     def launch(cfg):
         grid = (cdiv(n, cfg.kwargs[grid_axis]), programs_per_row)
         kernel[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -509,7 +593,7 @@ def attention_fwd(q, k, v, *, scale: float, bias=None, n_rows: int = 0, allow_tf
     rows_strides = rows.stride()[:3] if n_rows else (0, 0, 0)
     programs, grid_len, lse_strides = _geometry(dims, cu_seqlens, max_seqlen)
     bias_ptr, *bias_strides = _bias_args(bias, q, dims)
-    _launch(attention_fwd_kernel, "BLOCK_M", q, grid_len, programs,
+    _launch(attention_fwd_kernel, q, grid_len, programs,
             q, k, v, bias_ptr, out, lse, rows_arg, q if cu_seqlens is None else cu_seqlens,
             *_strides(q, varlen, heads_last), *_strides(k, varlen, heads_last), *_strides(v, varlen, heads_last),
             *bias_strides, *_strides(out, varlen, heads_last), *rows_strides, *lse_strides,
@@ -541,10 +625,10 @@ def attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, *, scale: float, bias=Non
     meta = dict(HEAD_DIM=d, D_PAD=d_pad, HAS_BIAS=bias is not None, PRECISION=dot_precision(q.dtype, allow_tf32),
                 VARLEN=varlen)
     scale_log2 = scale * math.log2(math.e)
-    _launch(attention_bwd_dkdv_kernel, "BLOCK_N", q, grid_len, programs,
+    _launch(attention_bwd_dkdv_kernel, q, grid_len, programs,
             q, k, v, bias_ptr, dout, lse, delta, dk, dv, cu, *common, *strides(dk), *strides(dv),
             *lse_strides, H, N, scale, scale_log2, 1.0 / scale, **meta)
-    _launch(attention_bwd_dq_kernel, "BLOCK_M", q, grid_len, programs,
+    _launch(attention_bwd_dq_kernel, q, grid_len, programs,
             q, k, v, bias_ptr, dout, lse, delta, dq, cu, *common, *strides(dq),
             *lse_strides, H, N, scale, scale_log2, 1.0 / scale, **meta)
     return dq, dk, dv
@@ -573,7 +657,7 @@ def aot_specializations():
     """(kernel, signature, constexprs, options) for the variants the launchers use: see tests/test_aot_compile.py.
 
     Every candidate configuration at the main case (bf16, d=64, with and without bias, long
-    sequences); the heuristic choice and the first candidate for every other dtype and head dim.
+    sequences and N = 785); the heuristic choice and the first candidate for every other dtype and head dim.
     """
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         element_bytes = torch.empty(0, dtype=dtype).element_size()
@@ -589,7 +673,11 @@ def aot_specializations():
                     extra = {"N_ROWS": 1} if kernel is attention_fwd_kernel else {}
                     candidates = candidate_configs(kernel, 4096, d_pad, element_bytes)
                     heuristic = heuristic_config(kernel, 4096, d, d_pad, element_bytes)
-                    chosen = candidates if main_case else {id(c): c for c in (candidates[0], heuristic)}.values()
+                    if main_case:  # and the split-tail ones, which N = 785 leaves a short end for
+                        chosen = {id(c): c for n in (4096, 785) for c in candidate_configs(kernel, n, d_pad, 2)}
+                        chosen = chosen.values()
+                    else:
+                        chosen = {id(c): c for c in (candidates[0], heuristic)}.values()
                     for cfg in chosen:
                         options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
                         yield kernel, _signature(kernel, pointer(dtype)), {**base, **extra, **cfg.kwargs}, options
