@@ -70,6 +70,7 @@ def environment_info(device: torch.device) -> Dict[str, object]:
             "multiprocessors": props.multi_processor_count,
             "memory_gib": round(props.total_memory / 2**30, 1),
             "l2_cache_mb": round(getattr(props, "L2_cache_size", 0) / 1e6, 1),
+            "tuned_choices_on_disk_at_start": stored_tuning_choices(device),
         })
     else:
         info["device_name"] = platform.processor() or platform.machine()
@@ -362,6 +363,16 @@ def iter_names(value: Optional[str], known: Iterable[str]) -> List[str]:
     if unknown:
         raise SystemExit(f"unknown names {unknown}; known: {', '.join(known)}")
     return names
+
+
+def stored_tuning_choices(device: torch.device) -> int:
+    """Launch choices already in fastvision's tuning cache file for this GPU: with some, the time to first
+    step leaves out their timing (-1 without Triton)."""
+    try:
+        from fastvision.triton_kernels._launch import stored_choices
+    except Exception:
+        return -1
+    return len(stored_choices(device.index))
 
 
 def tuned_configurations() -> Dict[str, str]:

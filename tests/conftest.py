@@ -15,6 +15,8 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 # One heuristic configuration per kernel instead of autotuning every shape (compile time);
 # tests/test_attention.py runs every autotune configuration on its own.
 os.environ.setdefault("FASTVISION_AUTOTUNE", "0")
+# Tuning, where a test turns it on, stays in memory: nothing written to ~/.cache.
+os.environ.setdefault("FASTVISION_TUNING_CACHE", "0")
 
 
 def _fix_interpreter_bf16() -> None:

@@ -352,9 +352,10 @@ def test_tuning_picks_the_fastest_fitting_configuration_once(monkeypatch):
 
     monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
     monkeypatch.setattr(_launch, "_TUNED", {})
-    assert _launch.timed_choice(("key",), candidates, launch) is fast
+    monkeypatch.setenv("FASTVISION_TUNING_CACHE", "0")
+    assert _launch.timed_choice(("key",), candidates, launch, 0) is fast
     assert len(calls) == len(candidates)
-    assert _launch.timed_choice(("key",), candidates, launch) is fast and len(calls) == len(candidates)
+    assert _launch.timed_choice(("key",), candidates, launch, 0) is fast and len(calls) == len(candidates)
 
 
 def test_split_tail_candidates_only_where_n_leaves_a_short_end():

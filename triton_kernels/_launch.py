@@ -1,6 +1,11 @@
 """Launch heuristics shared by the kernels: block sizes, warps, grid sizes, timed configuration choice."""
+import hashlib
+import json
 import math
 import os
+import re
+import tempfile
+import warnings
 
 import torch
 import triton
@@ -79,32 +84,123 @@ def tuning_enabled() -> bool:
 _TUNED = {}
 
 
-def timed_choice(key, candidates, launch):
+def timed_choice(key, candidates, launch, device_index):
     """The fastest of ``candidates`` for ``key``, each run through ``launch(candidate)`` and timed (median of
-    do_bench) on the first call; the winner is cached. Candidates the GPU cannot run (out of shared memory
-    or registers) are skipped. Nothing can be timed while a CUDA graph is captured: the first candidate
-    then, not cached. Tuning is done here rather than with triton.autotune, whose per-launch bookkeeping
-    costs tens of microseconds."""
+    do_bench) on the first call; the winner is cached in memory and on disk (``tuning_cache_file``), so a
+    later process on the same kind of GPU starts with it. Candidates the GPU cannot run (out of shared
+    memory or registers) are skipped. Nothing can be timed while a CUDA graph is captured: the first
+    candidate then, not cached. Tuning is done here rather than with triton.autotune, whose per-launch
+    bookkeeping costs tens of microseconds."""
     best = _TUNED.get(key)
     if best is not None:
         return best
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return candidates[0]
-    times = {}
-    for i, candidate in enumerate(candidates):
-        try:
-            times[i] = triton.testing.do_bench(lambda: launch(candidate), warmup=5, rep=20, return_mode="median")
-        except triton.runtime.errors.OutOfResources:
-            continue
-    if not times:
-        raise RuntimeError(f"no launch configuration of {key[0]} fits this GPU")
-    best = _TUNED[key] = candidates[min(times, key=times.get)]
+    path = tuning_cache_file(device_index)
+    best = _stored_choice(path, key, candidates)
+    if best is None:
+        times = {}
+        for i, candidate in enumerate(candidates):
+            try:
+                times[i] = triton.testing.do_bench(lambda: launch(candidate), warmup=5, rep=20, return_mode="median")
+            except triton.runtime.errors.OutOfResources:
+                continue
+        if not times:
+            raise RuntimeError(f"no launch configuration of {key[0]} fits this GPU")
+        best = candidates[min(times, key=times.get)]
+        _store_choice(path, key, best)
+    _TUNED[key] = best
     return best
 
 
 def tuned_configurations() -> dict:
     """What timed_choice picked so far, as strings (key: choice), for benchmark reports."""
     return {", ".join(map(str, key)): str(choice) for key, choice in _TUNED.items()}
+
+
+def tuning_cache_file(device_index):
+    """JSON file of the launch choices timed on this GPU model with these torch and triton versions:
+    ``$FASTVISION_TUNING_CACHE`` (a directory; default ``~/.cache/fastvision``, or under ``$XDG_CACHE_HOME``),
+    None when that variable is ``0``."""
+    root = os.environ.get("FASTVISION_TUNING_CACHE")
+    if root == "0":
+        return None
+    if not root:
+        root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fastvision")
+    props = torch.cuda.get_device_properties(device_index)
+    name = f"tuning-{props.name}-sm{props.major}{props.minor}-torch{torch.__version__}-triton{triton.__version__}"
+    return os.path.join(root, re.sub(r"[^A-Za-z0-9_.+-]+", "_", name) + ".json")
+
+
+def _kernel_sources_digest() -> str:
+    """Hash of this package's kernel sources: a cache written by other kernels is not reused."""
+    global _SOURCES_DIGEST
+    if _SOURCES_DIGEST is None:
+        digest = hashlib.sha256()
+        folder = os.path.dirname(os.path.abspath(__file__))
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(".py"):
+                with open(os.path.join(folder, name), "rb") as f:
+                    digest.update(name.encode() + f.read())
+        _SOURCES_DIGEST = digest.hexdigest()[:16]
+    return _SOURCES_DIGEST
+
+
+_SOURCES_DIGEST = None
+
+
+def _read_choices(path) -> dict:
+    """{repr(key): str(choice)} stored at ``path`` for the current kernel sources; {} if absent or unreadable."""
+    try:
+        with open(path) as f:
+            stored = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(stored, dict) or stored.get("kernel_sources") != _kernel_sources_digest():
+        return {}
+    choices = stored.get("choices")
+    return choices if isinstance(choices, dict) else {}
+
+
+def stored_choices(device_index) -> dict:
+    """The tuning cache file's choices for this GPU ({} when there is none, or caching is off)."""
+    path = tuning_cache_file(device_index)
+    return _read_choices(path) if path else {}
+
+
+def _stored_choice(path, key, candidates):
+    if path is None:
+        return None
+    stored = _read_choices(path).get(repr(key))
+    return next((c for c in candidates if str(c) == stored), None)  # a candidate list may have changed
+
+
+def _store_choice(path, key, choice) -> None:
+    """Add one choice to the file (read, merge, write a temporary file, rename over it). A directory that
+    cannot be written leaves tuning in memory only, with one warning."""
+    global _STORE_WARNED
+    if path is None:
+        return
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        choices = {**_read_choices(path), repr(key): str(choice)}
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump({"kernel_sources": _kernel_sources_digest(), "choices": choices}, f, indent=1,
+                          sort_keys=True)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except OSError as exc:
+        if not _STORE_WARNED:
+            _STORE_WARNED = True
+            warnings.warn(f"fastvision: cannot write the tuning cache {path} ({exc}); set FASTVISION_TUNING_CACHE "
+                          "to a writable directory, or to 0 to turn it off")
+
+
+_STORE_WARNED = False
 
 
 _MULTIPROCESSORS = {}

@@ -522,7 +522,7 @@ def _launch(kernel, tensor, n, programs_per_row, *args, **meta):
     elif tuning_enabled():
         key = (kernel.__name__, tuning_class(n), meta["HEAD_DIM"], tensor.dtype, meta["HAS_BIAS"],
                meta["PRECISION"], meta["VARLEN"], tensor.device.index)  # packed short crops tune apart
-        cfg = timed_choice(key, candidate_configs(kernel, n, d_pad, element_bytes), launch)
+        cfg = timed_choice(key, candidate_configs(kernel, n, d_pad, element_bytes), launch, tensor.device.index)
     else:
         cfg = heuristic_config(kernel, n, meta["HEAD_DIM"], d_pad, element_bytes)
     launch(cfg)

@@ -389,7 +389,7 @@ def layer_norm_bwd(dy, h, weight, rstd, skip_grad=None, needs_weight_grad=True, 
     if len(candidates) > 1 and h.device.type == "cuda" and tuning_enabled():
         key = ("layer_norm_bwd", N, vec, *(t.dtype for t in loaded), residual_dtype, tuple(flags.values()),
                next_power_of_2(M), h.device.index)
-        choice = timed_choice(key, candidates, launch)
+        choice = timed_choice(key, candidates, launch, h.device.index)
     return dx, dr, launch(choice)
 
 
