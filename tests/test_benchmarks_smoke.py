@@ -105,6 +105,26 @@ def test_micro_time_budget_skips_remaining_cases(tmp_path):
     assert payload["results"] and all(r["status"] == "skipped" for r in payload["results"])
 
 
+def test_micro_graph_timing_rotates_inputs_past_the_l2_cache():
+    """Replayed back to back, a small case would be read from L2: the graph step cycles through copies."""
+    x, w = torch.randn(64, 32), torch.randn(32)
+    case = micro.Case(op="mul", mode="fwd+bwd", params={}, x=64, panel="", series="", make_inputs=None,
+                      differentiable=[0], reference=None, ours=None, ours_error=None, baselines={})
+    seen = []
+
+    def fn(a, b):
+        seen.append(a)
+        return a * b
+
+    step, sets = micro.rotating_step(fn, case, [x.requires_grad_(), w], (torch.ones(64, 32),), l2_bytes=20_000)
+    assert sets == 4  # three times 20 kB of cache over 16.5 kB of inputs and output gradients
+    grads = [step()[0] for _ in range(8)]
+    assert len({id(a) for a in seen}) == 4 and seen[0] is x and seen[4] is x
+    assert all(torch.equal(g, w.expand(64, 32)) for g in grads)
+    assert micro.rotating_step(fn, case, [x, w], None, l2_bytes=1000)[1] == 1
+    assert micro.rotating_step(fn, case, [x, w], None, l2_bytes=10**9)[1] == 8
+
+
 def test_micro_sequence_lengths_follow_image_and_patch_sizes():
     lengths = micro.sequence_lengths(quick=False, smoke=False, registers=0)
     assert lengths[197] == ["224/16"] and lengths[785] == ["224/8"] and lengths[3137] == ["224/4"]
