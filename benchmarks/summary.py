@@ -2,7 +2,9 @@
 
 Per micro op and mode: cases, how many passed the correctness guard, the range and median of
 fastvision's speedup over the best baseline and of its fraction of the ceiling. Per model run: img/s and
-speedup over eager. Short enough to read in the last lines of a log. ``--compare`` adds, per micro
+speedup over eager; the issues' performance goals, met or not (attention against the best SDPA backend per N,
+the memory-bound kernels' fraction of copy bandwidth, the DINO step against eager and torch.compile and its
+peak memory). Short enough to read in the last lines of a log. ``--compare`` adds, per micro
 case both runs timed, fastvision's time (plain and CUDA-graph) in the old run and this one: what a
 kernel change did, measured on the same kind of device.
 """
@@ -75,6 +77,68 @@ def compare_rows(old_payload, payload) -> List[Dict[str, object]]:
     return rows
 
 
+# The issues' performance goals (H100, bf16), checked against a suite's results.
+GOALS = {"dino_vs_eager": 1.5, "dino_vs_compile": 1.2, "kernel_fraction_of_copy": 0.85}
+BANDWIDTH_OPS = ("layer_norm", "add_layer_norm", "softmax", "gelu", "bias_gelu")
+ATTENTION_OPS = ("attention", "attention_qkvpacked")
+
+
+def _mark(ok) -> str:
+    return "?" if ok is None else ("yes" if ok else "NO")
+
+
+def dino_goal_lines(payload, label: str) -> List[str]:
+    """The fastest fastvision variant against eager, every compile variant and eager's peak memory."""
+    ok = {v["name"]: v for v in payload.get("variants", []) if v.get("images_per_s")}
+    eager = ok.get("eager")
+    ours = [v for n, v in ok.items() if n.startswith("fastvision")]
+    if not eager or not ours:
+        return [f"{label}: no eager or fastvision variant timed"]
+    compiled = {n: v["images_per_s"] for n, v in ok.items() if n.startswith("compile")}
+    lines = [f"{label} ({payload.get('device')}): eager {eager['images_per_s']:.0f} img/s, "
+             f"peak {eager.get('peak_memory_gib', float('nan')):.2f} GiB; "
+             + ", ".join(f"{n} {r:.0f}" for n, r in compiled.items())]
+    for v in sorted(ours, key=lambda v: -v["images_per_s"]):
+        vs_eager = v["images_per_s"] / eager["images_per_s"]
+        vs_compile = {n: v["images_per_s"] / r for n, r in compiled.items()}
+        memory = v.get("peak_memory_gib")
+        lower = None if memory is None or eager.get("peak_memory_gib") is None else memory < eager["peak_memory_gib"]
+        lines.append(
+            f"  {v['name']} {v['images_per_s']:.0f} img/s: {vs_eager:.2f}x eager "
+            f"[>={GOALS['dino_vs_eager']} {_mark(vs_eager >= GOALS['dino_vs_eager'])}], "
+            + ", ".join(f"{r:.2f}x {n} [>={GOALS['dino_vs_compile']} {_mark(r >= GOALS['dino_vs_compile'])}]"
+                        for n, r in vs_compile.items())
+            + (f", peak {memory:.2f} GiB [<eager {_mark(lower)}]" if memory is not None else ""))
+    return lines
+
+
+def micro_goal_lines(payload) -> List[str]:
+    """Attention against the best SDPA backend per N, and the memory-bound kernels' kernel-time fraction
+    of copy bandwidth (CUDA-graph replays, inputs rotated past L2)."""
+    lines = []
+    for mode in ("fwd", "fwd+bwd"):
+        ratios = {}
+        for r in payload["results"]:
+            if r["op"] in ATTENTION_OPS and r["mode"] == mode and "speedup_vs_best" in r:
+                key = r["params"].get("N")
+                ratios[key] = min(ratios.get(key, float("inf")), r["speedup_vs_best"])
+        if ratios:
+            behind = [n for n, v in sorted(ratios.items()) if v < 1]
+            lines.append(f"attention {mode} vs best baseline, per N (worst layout): "
+                         + " ".join(f"{n}:{v:.2f}" for n, v in sorted(ratios.items()))
+                         + f" [>=1 everywhere {_mark(not behind)}]")
+    for op in BANDWIDTH_OPS:
+        for mode in ("fwd", "fwd+bwd"):
+            fractions = [r["timings"]["fastvision"]["graph_fraction_of_ceiling"] for r in payload["results"]
+                         if r["op"] == op and r["mode"] == mode
+                         and "graph_fraction_of_ceiling" in r["timings"].get("fastvision", {})]
+            if fractions:
+                worst = min(fractions)
+                lines.append(f"{op} {mode}: kernel time at {_spread(fractions)} of copy bandwidth (min/median/max)"
+                              f" [>={GOALS['kernel_fraction_of_copy']} {_mark(worst >= GOALS['kernel_fraction_of_copy'])}]")
+    return lines
+
+
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     compare = None
@@ -112,8 +176,16 @@ def main(argv=None) -> None:
         for r in models["results"]:
             if r.get("status") == "error":
                 print(f"  {r['model']} {r['task']} {r['variant']}: {r['error'][:200]}")
-    if not micro and not models:
-        print(f"no micro/micro.json or models/models.json under {out}")
+    goals = micro_goal_lines(micro) if micro else []
+    for name, label in (("dino_step.json", "DINO step"), ("dino_step_s8.json", "DINO step ViT-S/8")):
+        dino = _load(os.path.join(out, name))
+        if dino:
+            goals += dino_goal_lines(dino, label)
+    if goals:
+        print("goals of the issues (H100, bf16):")
+        print("\n".join(goals))
+    if not micro and not models and not goals:
+        print(f"no micro/micro.json, models/models.json or dino_step.json under {out}")
 
 
 if __name__ == "__main__":

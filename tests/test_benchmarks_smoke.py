@@ -170,6 +170,34 @@ def test_summary_reads_both_results(micro_run, tmp_path, capsys):
     assert "layer_norm" in text and "speedup vs best" in text
 
 
+def test_summary_states_each_issue_goal_met_or_not():
+    def timed(op, mode, n, speedup, fraction):
+        return {"op": op, "mode": mode, "params": {"N": n}, "speedup_vs_best": speedup,
+                "timings": {"fastvision": {"graph_fraction_of_ceiling": fraction}}}
+
+    micro = {"results": [timed("attention", "fwd", 197, 0.97, 0.3), timed("attention_qkvpacked", "fwd", 197, 1.1, 0.3),
+                         timed("attention", "fwd", 37, 1.5, 0.2), timed("attention", "fwd+bwd", 197, 1.6, 0.3),
+                         timed("layer_norm", "fwd", None, 2.0, 0.90), timed("layer_norm", "fwd+bwd", None, 1.0, 0.45)]}
+    lines = summary.micro_goal_lines(micro)
+    assert lines[0].startswith("attention fwd ") and "197:0.97" in lines[0] and lines[0].endswith("NO]")
+    assert lines[1].startswith("attention fwd+bwd") and lines[1].endswith("yes]")
+    assert lines[2].startswith("layer_norm fwd:") and lines[2].endswith("yes]")
+    assert lines[3].startswith("layer_norm fwd+bwd:") and lines[3].endswith("NO]")
+
+    dino = {"device": "H100", "variants": [
+        {"name": "eager", "images_per_s": 1000.0, "peak_memory_gib": 9.4},
+        {"name": "compile", "images_per_s": 1300.0, "peak_memory_gib": 9.6},
+        {"name": "fastvision+packing+graph", "images_per_s": 2000.0, "peak_memory_gib": 9.5},
+        {"name": "fastvision+packing+graph+recompute", "images_per_s": 1600.0, "peak_memory_gib": 7.7},
+        {"name": "compile+graph", "error": "skipped: --max-seconds spent"}]}
+    head, best, recompute = summary.dino_goal_lines(dino, "DINO step")
+    assert "eager 1000 img/s" in head and "compile 1300" in head and "compile+graph" not in head
+    assert best.split()[0] == "fastvision+packing+graph" and "2.00x eager [>=1.5 yes]" in best
+    assert "1.54x compile [>=1.2 yes]" in best and "[<eager NO]" in best
+    assert "1.23x compile [>=1.2 yes]" in recompute and "[<eager yes]" in recompute
+    assert summary.dino_goal_lines({"variants": []}, "x") == ["x: no eager or fastvision variant timed"]
+
+
 def test_table_and_json_helpers(tmp_path, capsys):
     text = common.print_table([{"a": 1.23456, "b": None}, {"a": float("nan"), "b": "x"}], ["a", "b"])
     assert "1.23" in text and "nan" in text and "-" in text
