@@ -76,6 +76,11 @@ def test_tuning_cache_gives_a_new_process_the_stored_choice(tuning_cache, tmp_pa
     tuning_cache.clear()
     assert _choose(list(speed), tuning_cache, speed) == "128x64" and tuning_cache == []
 
+    _launch._TUNED.clear()  # even while a CUDA graph is captured, where nothing can be timed
+    with pytest.MonkeyPatch.context() as capture:
+        capture.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+        assert _choose(list(speed), tuning_cache, speed) == "128x64" and tuning_cache == []
+
     _launch._TUNED.clear()  # the stored choice is no longer a candidate: timed again
     assert _choose(["64x64", "64x32"], tuning_cache, speed) == "64x64" and len(tuning_cache) == 2
 

@@ -88,17 +88,17 @@ def timed_choice(key, candidates, launch, device_index):
     """The fastest of ``candidates`` for ``key``, each run through ``launch(candidate)`` and timed (median of
     do_bench) on the first call; the winner is cached in memory and on disk (``tuning_cache_file``), so a
     later process on the same kind of GPU starts with it. Candidates the GPU cannot run (out of shared
-    memory or registers) are skipped. Nothing can be timed while a CUDA graph is captured: the first
-    candidate then, not cached. Tuning is done here rather than with triton.autotune, whose per-launch
-    bookkeeping costs tens of microseconds."""
+    memory or registers) are skipped. Nothing can be timed while a CUDA graph is captured: the stored
+    choice then, else the first candidate, not cached. Tuning is done here rather than with triton.autotune,
+    whose per-launch bookkeeping costs tens of microseconds."""
     best = _TUNED.get(key)
     if best is not None:
         return best
-    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-        return candidates[0]
     path = tuning_cache_file(device_index)
     best = _stored_choice(path, key, candidates)
     if best is None:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return candidates[0]
         times = {}
         for i, candidate in enumerate(candidates):
             try:
