@@ -210,6 +210,20 @@ def test_gpu_suite_script_parses():
     assert subprocess.run(["bash", "-n", script]).returncode == 0
 
 
+def test_gpu_suite_new_tests_exist():
+    """Every default NEW_TESTS entry names a test file (and test function) that exists: a typo would cost
+    device time."""
+    import re
+
+    text = open(os.path.join(REPO, "benchmarks", "gpu_suite.sh"), encoding="utf-8").read()
+    entries = re.search(r'NEW_TESTS="\$\{NEW_TESTS:-([^}]*)\}"', text).group(1).split()
+    assert entries
+    for entry in entries:
+        path, _, function = entry.partition("::")
+        source = open(os.path.join(REPO, path), encoding="utf-8").read()
+        assert not function or f"def {function}(" in source, entry
+
+
 def test_host_overhead_smoke(tmp_path):
     from benchmarks import host_overhead
 
