@@ -130,6 +130,7 @@ def test_micro_sequence_lengths_follow_image_and_patch_sizes():
     assert lengths[197] == ["224/16"] and lengths[785] == ["224/8"] and lengths[3137] == ["224/4"]
     assert lengths[37] == ["96/14", "96/16"]  # 96 // 14 = 6 patches a side, as 96 // 16
     assert set(micro.sequence_lengths(quick=False, smoke=False, registers=4)) == {n + 4 for n in lengths}
+    assert sorted(micro.sequence_lengths(quick=True, smoke=False, registers=0)) == [37, 145, 197, 257, 577, 785, 2305]
 
 
 def test_micro_rejects_unknown_ops(tmp_path):
