@@ -100,14 +100,16 @@ def test_attention_matches_float64(device, B, H, N, d, dtype, packed):
 
 @pytest.mark.parametrize("device", kernel_devices())
 @pytest.mark.parametrize("split_tail", [False, True], ids=["one_masked_block", "tail_tiles"])
+@pytest.mark.parametrize("block", [64, 32])
 @pytest.mark.parametrize("N", [1, 145, 197])
-def test_short_ragged_end_either_way(device, N, split_tail, monkeypatch):
-    """64-row blocks leave 1, 17 and 5 rows (queries, and keys for dk/dv) that SPLIT_TAIL runs in 16-row tiles."""
+def test_short_ragged_end_either_way(device, N, block, split_tail, monkeypatch):
+    """64-row blocks leave 1, 17 and 5 rows (queries, and keys for dk/dv) that SPLIT_TAIL runs in 16-row
+    tiles; 32-row blocks 1, 17 (not split: more than half) and 5."""
     from fastvision.triton_kernels import attention as kernels
 
-    blocks = {"BLOCK_M": 64, "BLOCK_N": 64, "SPLIT_TAIL": split_tail}
+    blocks = {"BLOCK_M": block, "BLOCK_N": block, "SPLIT_TAIL": split_tail}
     if device == "cuda":
-        monkeypatch.setattr(kernels, "forced_config", kernels._config(64, 64, 4, 2, split_tail))
+        monkeypatch.setattr(kernels, "forced_config", kernels._config(block, block, 4, 2, split_tail))
     else:
         monkeypatch.setattr(kernels, "INTERPRETER_BLOCKS", blocks)
     inputs = _qkv(2, 2, N, 64, torch.float16, device, packed=True)
@@ -366,10 +368,11 @@ def test_split_tail_candidates_only_where_n_leaves_a_short_end():
         return sorted(c.kwargs[axis] for c in kernels.candidate_configs(kernel, n, 64, 2) if c.kwargs["SPLIT_TAIL"])
 
     fwd, dkdv = kernels.attention_fwd_kernel, kernels.attention_bwd_dkdv_kernel
-    assert split_blocks(fwd, 197) == [64, 64]          # 197 = 3·64 + 5; 197 = 128 + 69 is no short end
-    assert split_blocks(fwd, 785) == [64, 64, 128]     # 785 = 12·64 + 17 = 6·128 + 17
-    assert split_blocks(dkdv, 197) == [64, 64]
-    assert split_blocks(fwd, 256) == split_blocks(fwd, 37) == split_blocks(dkdv, 4096) == []
+    assert split_blocks(fwd, 197) == [32, 64, 64]      # 197 = 6·32 + 5 = 3·64 + 5; 128 + 69 is no short end
+    assert split_blocks(fwd, 785) == [64, 64, 128]     # 785 = 12·64 + 17 = 6·128 + 17; 24·32 + 17 is not
+    assert split_blocks(fwd, 37) == split_blocks(dkdv, 37) == [32]
+    assert split_blocks(dkdv, 197) == [32, 64, 64]
+    assert split_blocks(fwd, 256) == split_blocks(fwd, 120) == split_blocks(dkdv, 4096) == []  # 120 = 64 + 56
     for kernel in kernels.CONFIGS:
         assert not kernels.heuristic_config(kernel, 197, 64, 64, 2).kwargs["SPLIT_TAIL"]
 

@@ -432,16 +432,18 @@ FWD_CONFIGS = [
     _config(128, 256, 8, 1),  # N ≤ 256 (a 224-px image at patch 14 or 16): all keys in one block
     # The last query block in 16-row tiles (_splits_tail): only offered where N leaves a short end.
     _config(64, 64, 4, 3, True), _config(64, 32, 4, 2, True), _config(128, 64, 4, 3, True),
+    _config(32, 64, 4, 2, True),  # N = 37 (DINO's 96-px crops): 48 query rows of work instead of 64
 ]
 DKDV_CONFIGS = [
     _config(64, 64, 4, 2), _config(32, 64, 4, 2), _config(64, 128, 8, 2), _config(32, 128, 4, 2),
     _config(16, 64, 4, 2), _config(64, 32, 4, 2),
     _config(64, 64, 4, 2, True), _config(32, 64, 4, 2, True), _config(64, 128, 8, 2, True),
+    _config(64, 32, 4, 2, True),  # N = 37: 48 key rows of work instead of 64
 ]
 DQ_CONFIGS = [
     _config(64, 64, 4, 2), _config(128, 64, 8, 2), _config(64, 32, 4, 2), _config(128, 32, 4, 2),
     _config(32, 64, 4, 2),
-    _config(64, 64, 4, 2, True),
+    _config(64, 64, 4, 2, True), _config(32, 64, 4, 2, True),
 ]
 SMALLEST_CONFIG = _config(16, 32, 4, 1)
 DELTA_BLOCK_M = 64
@@ -657,7 +659,7 @@ def aot_specializations():
     """(kernel, signature, constexprs, options) for the variants the launchers use: see tests/test_aot_compile.py.
 
     Every candidate configuration at the main case (bf16, d=64, with and without bias, long
-    sequences and N = 785); the heuristic choice and the first candidate for every other dtype and head dim.
+    sequences, N = 785 and 197); the heuristic choice and the first candidate for every other dtype and head dim.
     """
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         element_bytes = torch.empty(0, dtype=dtype).element_size()
@@ -673,8 +675,8 @@ def aot_specializations():
                     extra = {"N_ROWS": 1} if kernel is attention_fwd_kernel else {}
                     candidates = candidate_configs(kernel, 4096, d_pad, element_bytes)
                     heuristic = heuristic_config(kernel, 4096, d, d_pad, element_bytes)
-                    if main_case:  # and the split-tail ones, which N = 785 leaves a short end for
-                        chosen = {id(c): c for n in (4096, 785) for c in candidate_configs(kernel, n, d_pad, 2)}
+                    if main_case:  # and the split-tail ones, which N = 785 and 197 leave short ends for
+                        chosen = {id(c): c for n in (4096, 785, 197) for c in candidate_configs(kernel, n, d_pad, 2)}
                         chosen = chosen.values()
                     else:
                         chosen = {id(c): c for c in (candidates[0], heuristic)}.values()
