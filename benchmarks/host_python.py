@@ -10,6 +10,8 @@ trimmed on any machine. Eager PyTorch on the same tensors is printed beside it f
 """
 import argparse
 import contextlib
+import importlib
+import pkgutil
 import time
 from typing import Callable, Iterator
 
@@ -48,7 +50,8 @@ def stubbed_kernels() -> Iterator[None]:
         saved.append((owner, name, getattr(owner, name)))
         setattr(owner, name, value)
 
-    for module in (tk.layer_norm, tk.softmax, tk.gelu, tk.attention, tk.dino_loss):
+    modules = [importlib.import_module(f"{tk.__name__}.{info.name}") for info in pkgutil.iter_modules(tk.__path__)]
+    for module in modules:
         for name, value in list(vars(module).items()):
             if isinstance(value, (triton.runtime.JITFunction, triton.runtime.Autotuner)) or \
                     type(value).__name__ == "InterpretedFunction":
