@@ -211,9 +211,9 @@ def test_gpu_suite_script_parses():
     assert subprocess.run(["bash", "-n", script]).returncode == 0
 
 
-def test_gpu_suite_new_tests_exist():
-    """Every default NEW_TESTS entry names a test file (and test function) that exists: a typo would cost
-    device time."""
+def test_gpu_suite_defaults_name_what_exists():
+    """Every default NEW_TESTS entry names a test file (and test function) that exists, and the DINO steps'
+    variants parse: a typo would cost device time."""
     import re
 
     text = open(os.path.join(REPO, "benchmarks", "gpu_suite.sh"), encoding="utf-8").read()
@@ -223,6 +223,9 @@ def test_gpu_suite_new_tests_exist():
         path, _, function = entry.partition("::")
         source = open(os.path.join(REPO, path), encoding="utf-8").read()
         assert not function or f"def {function}(" in source, entry
+    for name in ("DINO_ARGS", "DINO_S8_ARGS"):  # and the DINO variants it times are ones dino_step knows
+        args = re.search(name + r'="\$\{' + name + r':-([^}]*)\}"', text).group(1).split()
+        assert dino_step.parse_args(args + ["--quick", "--out", "unused.json"]).variants
 
 
 def test_host_overhead_smoke(tmp_path):
