@@ -172,18 +172,25 @@ def test_summary_reads_both_results(micro_run, tmp_path, capsys):
 
 
 def test_summary_states_each_issue_goal_met_or_not():
-    def timed(op, mode, n, speedup, fraction):
-        return {"op": op, "mode": mode, "params": {"N": n}, "speedup_vs_best": speedup,
-                "timings": {"fastvision": {"graph_fraction_of_ceiling": fraction}}}
+    def timed(op, mode, n, speedup, work=1e9, graph_ms=1.0):
+        return {"op": op, "mode": mode, "params": {"N": n}, "speedup_vs_best": speedup, "work": work,
+                "timings": {"fastvision": {"graph_ms": graph_ms, "graph_fraction_of_ceiling": work / graph_ms / 4000e6}}}
 
-    micro = {"results": [timed("attention", "fwd", 197, 0.97, 0.3), timed("attention_qkvpacked", "fwd", 197, 1.1, 0.3),
-                         timed("attention", "fwd", 37, 1.5, 0.2), timed("attention", "fwd+bwd", 197, 1.6, 0.3),
-                         timed("layer_norm", "fwd", None, 2.0, 0.90), timed("layer_norm", "fwd+bwd", None, 1.0, 0.45)]}
+    micro = {"ceilings": {"copy_gbps": 4000.0},
+             "results": [timed("attention", "fwd", 197, 0.97), timed("attention_qkvpacked", "fwd", 197, 1.1),
+                         timed("attention", "fwd", 37, 1.5), timed("attention", "fwd+bwd", 197, 1.6),
+                         timed("layer_norm", "fwd", 197, 2.0, work=200e6, graph_ms=200e6 / 3600e6),
+                         timed("layer_norm", "fwd+bwd", 197, 1.0, work=500e6, graph_ms=500e6 / 1800e6),
+                         timed("layer_norm", "fwd", 37, 2.0, work=20e6, graph_ms=20e6 / 2000e6)]}
     lines = summary.micro_goal_lines(micro)
     assert lines[0].startswith("attention fwd ") and "197:0.97" in lines[0] and lines[0].endswith("NO]")
     assert lines[1].startswith("attention fwd+bwd") and lines[1].endswith("yes]")
     assert lines[2].startswith("layer_norm fwd:") and lines[2].endswith("yes]")
-    assert lines[3].startswith("layer_norm fwd+bwd:") and lines[3].endswith("NO]")
+    assert lines[3].startswith("layer_norm fwd+bwd:") and "0.45/" in lines[3] and lines[3].endswith("NO]")
+    # 300 MB more in 0.2222 ms more: 1350 GB/s, 0.34 of the copy
+    assert lines[4].startswith("layer_norm bwd, derived:") and "0.34/" in lines[4] and lines[4].endswith("NO]")
+    # the 20 MB case (0.5 of the copy) is listed but not judged: under three 50 MB L2 caches
+    assert "0.50/0.70/0.90" in lines[2] and "over 150 MB: yes]" in lines[2]
 
     dino = {"device": "H100", "variants": [
         {"name": "eager", "images_per_s": 1000.0, "peak_memory_gib": 9.4},
