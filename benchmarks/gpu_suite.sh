@@ -6,12 +6,15 @@
 # Files (at most 8, what the device tool returns): env.txt, build.log, gpu_tests.log, bench.log,
 # micro/micro.json, micro/micro.png, models/models.json, and suite.json, which holds the other
 # benchmarks' JSON (host_overhead, host_breakdown, resnet, dino_step, dino_step_s8, verify) under their names.
+# Nsight Compute's report (step ncu) goes into bench.log, its key lines to the output.
 # Steps run in the order below (most informative first), each under `timeout`; a failing step does
 # not stop the next.
 #
 # Environment:
 #   SUITE_STEPS       comma-separated steps to run, in this order (default env,build,new-tests,dino,micro,dino-s8,
-#                     conv-tests,host,resnet,models,tests,verify), e.g. SUITE_STEPS=env,build,new-tests,dino,micro
+#                     ncu,conv-tests,host,resnet,models,tests,verify), e.g. SUITE_STEPS=env,build,new-tests,dino,micro
+#   PROBE_ARGS        arguments of benchmarks.kernel_probe in the ncu step (default: every workload), e.g.
+#                     "--ops add_layer_norm"; NCU: the ncu binary (default: found on PATH or under /usr/local/cuda)
 #   NEW_TESTS         test files of the new-tests step: code not yet run on a GPU that the benchmarks after it
 #                     rely on (default: the graph step with a DDP student, dense packed attention, pending
 #                     residual adds, mlp_recompute, residual scale, partial sums; see results/h200/NOTES.md)
@@ -24,10 +27,11 @@
 #   MODELS_VARIANTS   its variants (default eager,patch,eager+graph,patch+graph,compile,patch+compile: the
 #                     CUDA-graph ones show device time without the host's launch cost)
 #   DINO_ARGS         arguments of the DINO step benchmark (default: batch 64; eager, fastvision+packing+graph,
-#                     compile, compile+graph, fastvision+packing+graph+recompute, fastvision+packing)
+#                     compile, compile+graph, fastvision+packing+graph+recompute, fastvision+graph,
+#                     fastvision+packing)
 #   DINO_SECONDS      --max-seconds of the DINO step benchmark (default 150)
 #   DINO_S8_ARGS      the same for ViT-S/8 (default: batch 64; eager, fastvision+packing+graph, compile,
-#                     fastvision+packing+graph+recompute)
+#                     fastvision+packing+graph+recompute, fastvision+graph)
 #   PYTHON            interpreter (default: python3, else python)
 set -u
 
@@ -37,7 +41,7 @@ OUT="$(cd "$OUT" && pwd)"
 cd "$(dirname "$0")/.."
 
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
-STEPS=",${SUITE_STEPS:-env,build,new-tests,dino,micro,dino-s8,conv-tests,host,resnet,models,tests,verify},"
+STEPS=",${SUITE_STEPS:-env,build,new-tests,dino,micro,dino-s8,ncu,conv-tests,host,resnet,models,tests,verify},"
 NEW_TESTS="${NEW_TESTS:-tests/test_linear.py tests/test_partial_sum.py
   tests/test_attention.py::test_short_ragged_end_either_way tests/test_dino_cuda_graph.py
   tests/test_attention_varlen.py tests/test_packed_multicrop.py tests/test_patch_vit.py tests/test_layer_norm.py
@@ -136,6 +140,21 @@ if wants dino-s8; then  # the same step on ViT-S/8 (785 + 145 tokens per crop), 
   # shellcheck disable=SC2086
   run_step dino_step_s8 240 "$OUT/bench.log" "$PY" -m benchmarks.dino_step --quick ${DINO_S8_ARGS} \
     --max-seconds 170 --out "$OUT/dino_step_s8.json"
+fi
+
+if wants ncu; then  # Nsight Compute on fastvision's kernels at the DINO step's shapes (benchmarks/kernel_probe.py)
+  NCU="${NCU:-$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)}"
+  if [ -n "$NCU" ]; then
+    run_step ncu 240 "$OUT/ncu.tmp" "$NCU" --clock-control none --profile-from-start off \
+      -k 'regex:layer_norm|attention|gelu|sum_partials' --section SpeedOfLight --section LaunchStats \
+      --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis \
+      "$PY" -m benchmarks.kernel_probe ${PROBE_ARGS:-}
+    grep -E '^  [a-z_]+kernel|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Stall' \
+      "$OUT/ncu.tmp" | sed 's/^/   ncu: /' | head -120
+    cat "$OUT/ncu.tmp" >>"$OUT/bench.log" && rm -f "$OUT/ncu.tmp"
+  else
+    record ncu 1 0 "no ncu found"
+  fi
 fi
 
 if wants conv-tests; then  # the CUDA conv/BN kernels and patched ResNets: a short run of their own

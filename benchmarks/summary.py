@@ -196,8 +196,9 @@ def main(argv=None) -> None:
             if r.get("status") == "error":
                 print(f"  {r['model']} {r['task']} {r['variant']}: {r['error'][:200]}")
     goals = micro_goal_lines(micro) if micro else []
-    for name, label in (("dino_step.json", "DINO step"), ("dino_step_s8.json", "DINO step ViT-S/8")):
-        dino = _load(os.path.join(out, name))
+    bundle = _load(os.path.join(out, "suite.json")) or {}  # where the suite gathered them at its end
+    for name, label in (("dino_step", "DINO step"), ("dino_step_s8", "DINO step ViT-S/8")):
+        dino = _load(os.path.join(out, name + ".json")) or bundle.get(name)
         if dino:
             goals += dino_goal_lines(dino, label)
     if goals:

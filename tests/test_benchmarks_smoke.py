@@ -307,3 +307,21 @@ def test_summary_compares_two_micro_runs(micro_run):
     rows = summary.compare_rows(slower, data)
     assert rows and all(abs(row["new/old"] - 0.5) < 1e-9 for row in rows)
     assert {row["op"] for row in rows} <= set(micro.OPS)
+
+
+def test_kernel_probe_workloads_give_every_input_a_gradient():
+    from benchmarks import kernel_probe
+
+    assert kernel_probe.main(["--smoke", "--ops", "add_layer_norm,bias_gelu"]) == {}  # nothing tuned on CPU
+    for name, (run, leaves) in kernel_probe.workloads(torch.device("cpu"), smoke=True).items():
+        run()
+        assert all(t.grad is not None and bool(torch.isfinite(t.grad).all()) for t in leaves), name
+
+
+def test_summary_reads_dino_results_gathered_into_suite_json(tmp_path, capsys):
+    dino = {"device": "H100", "variants": [{"name": "eager", "images_per_s": 1000.0, "peak_memory_gib": 9.4},
+                                           {"name": "fastvision+packing+graph", "images_per_s": 2000.0}]}
+    (tmp_path / "suite.json").write_text(json.dumps({"dino_step": dino}))
+    summary.main([str(tmp_path)])
+    text = capsys.readouterr().out
+    assert "DINO step (H100)" in text and "fastvision+packing+graph 2000 img/s: 2.00x eager [>=1.5 yes]" in text
