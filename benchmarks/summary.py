@@ -134,7 +134,8 @@ def micro_goal_lines(payload) -> List[str]:
     goal = GOALS["kernel_fraction_of_copy"]
     for op in BANDWIDTH_OPS:
         graphed = {mode: _graphed(payload, op, mode) for mode in ("fwd", "fwd+bwd")}
-        fractions = {mode: [(work, fraction) for work, _, fraction in cases.values()] for mode, cases in graphed.items()}
+        fractions = {mode: [(work, fraction) for work, _, fraction in cases.values()]
+                     for mode, cases in graphed.items()}
         if copy_gbps:  # the backward alone: the forward's bytes and time taken out of fwd+bwd's
             fractions["bwd, derived"] = [
                 (work, (work - graphed["fwd"][k][0]) / ((ms - graphed["fwd"][k][1]) * 1e6) / copy_gbps)

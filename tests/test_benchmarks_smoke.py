@@ -174,7 +174,8 @@ def test_summary_reads_both_results(micro_run, tmp_path, capsys):
 def test_summary_states_each_issue_goal_met_or_not():
     def timed(op, mode, n, speedup, work=1e9, graph_ms=1.0):
         return {"op": op, "mode": mode, "params": {"N": n}, "speedup_vs_best": speedup, "work": work,
-                "timings": {"fastvision": {"graph_ms": graph_ms, "graph_fraction_of_ceiling": work / graph_ms / 4000e6}}}
+                "timings": {"fastvision": {"graph_ms": graph_ms,
+                                           "graph_fraction_of_ceiling": work / graph_ms / 4000e6}}}
 
     micro = {"ceilings": {"copy_gbps": 4000.0},
              "results": [timed("attention", "fwd", 197, 0.97), timed("attention_qkvpacked", "fwd", 197, 1.1),

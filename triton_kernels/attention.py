@@ -86,6 +86,16 @@ def _head_rows(X, b, h, start, stride_b, stride_h, stride_n):
 
 
 @triton.jit
+def _head_bases(Q, K, V, Bias, LSE, b, h, start, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                stride_vb, stride_vh, stride_vn, stride_bb, stride_bh, stride_lb, stride_lh):
+    """Pointers to (sequence b, head h)'s first row of q, k, v and of its bias and lse, which every kernel reads."""
+    return (_head_rows(Q, b, h, start, stride_qb, stride_qh, stride_qn),
+            _head_rows(K, b, h, start, stride_kb, stride_kh, stride_kn),
+            _head_rows(V, b, h, start, stride_vb, stride_vh, stride_vn),
+            Bias + b * stride_bb + h * stride_bh, LSE + b * stride_lb + h * stride_lh + start)
+
+
+@triton.jit
 def _splits_tail(start, N, BLOCK: tl.constexpr, SPLIT_TAIL: tl.constexpr):
     """Whether the block from ``start`` is a short ragged end (at most half a block) to run in TAIL_BLOCK-row
     tiles: 16 rows of work instead of BLOCK for the last 5 of N = 197. Without SPLIT_TAIL the condition folds
@@ -194,19 +204,18 @@ def attention_fwd_kernel(
     start_m = pid_m * BLOCK_M
     # A query block past the end of a short packed sequence has nothing to do.
     if start_m < N:
-        q_base = _head_rows(Q, b, h, start, stride_qb, stride_qh, stride_qn)
-        k_base = _head_rows(K, b, h, start, stride_kb, stride_kh, stride_kn)
-        v_base = _head_rows(V, b, h, start, stride_vb, stride_vh, stride_vn)
+        q_base, k_base, v_base, bias_base, lse_base = _head_bases(
+            Q, K, V, Bias, LSE, b, h, start, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+            stride_vb, stride_vh, stride_vn, stride_bb, stride_bh, stride_lb, stride_lh)
         o_base = _head_rows(O, b, h, start, stride_ob, stride_oh, stride_on)
-        bias_base = Bias + b * stride_bb + h * stride_bh
-        lse_base = LSE + b * stride_lb + h * stride_lh + start
         rows_base = Rows + b * stride_rb + h * stride_rh
         offs_d = tl.arange(0, D_PAD)
         if _splits_tail(start_m, N, BLOCK_M, SPLIT_TAIL):
             for tail_m in range(start_m, N, TAIL_BLOCK):
                 _fwd_tile(q_base, k_base, v_base, bias_base, o_base, lse_base, rows_base, tail_m, offs_d,
                           stride_qn, stride_kn, stride_vn, stride_bm, stride_bn, stride_on, stride_rm, N,
-                          scale_log2, bias_mult, HEAD_DIM, D_PAD, TAIL_BLOCK, TAIL_STREAM_BLOCK, HAS_BIAS, N_ROWS, PRECISION)
+                          scale_log2, bias_mult, HEAD_DIM, D_PAD, TAIL_BLOCK, TAIL_STREAM_BLOCK, HAS_BIAS, N_ROWS,
+                          PRECISION)
         else:
             _fwd_tile(q_base, k_base, v_base, bias_base, o_base, lse_base, rows_base, start_m, offs_d,
                       stride_qn, stride_kn, stride_vn, stride_bm, stride_bn, stride_on, stride_rm, N,
@@ -308,15 +317,13 @@ def attention_bwd_dkdv_kernel(
     b, h, start, N = _sequence(pid_bh, H, N, CuSeqlens, VARLEN)
     start_n = pid_n * BLOCK_N
     if start_n < N:
-        k_base = _head_rows(K, b, h, start, stride_kb, stride_kh, stride_kn)
-        v_base = _head_rows(V, b, h, start, stride_vb, stride_vh, stride_vn)
-        q_base = _head_rows(Q, b, h, start, stride_qb, stride_qh, stride_qn)
+        q_base, k_base, v_base, bias_base, lse_base = _head_bases(
+            Q, K, V, Bias, LSE, b, h, start, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+            stride_vb, stride_vh, stride_vn, stride_bb, stride_bh, stride_lb, stride_lh)
         do_base = _head_rows(DO, b, h, start, stride_db, stride_dh, stride_dn)
+        delta_base = Delta + b * stride_lb + h * stride_lh + start
         dk_base = _head_rows(DK, b, h, start, stride_dkb, stride_dkh, stride_dkn)
         dv_base = _head_rows(DV, b, h, start, stride_dvb, stride_dvh, stride_dvn)
-        bias_base = Bias + b * stride_bb + h * stride_bh
-        lse_base = LSE + b * stride_lb + h * stride_lh + start
-        delta_base = Delta + b * stride_lb + h * stride_lh + start
         offs_d = tl.arange(0, D_PAD)
         if _splits_tail(start_n, N, BLOCK_N, SPLIT_TAIL):
             for tail_n in range(start_n, N, TAIL_BLOCK):
@@ -393,14 +400,12 @@ def attention_bwd_dq_kernel(
     b, h, start, N = _sequence(pid_bh, H, N, CuSeqlens, VARLEN)
     start_m = pid_m * BLOCK_M
     if start_m < N:
-        q_base = _head_rows(Q, b, h, start, stride_qb, stride_qh, stride_qn)
+        q_base, k_base, v_base, bias_base, lse_base = _head_bases(
+            Q, K, V, Bias, LSE, b, h, start, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+            stride_vb, stride_vh, stride_vn, stride_bb, stride_bh, stride_lb, stride_lh)
         do_base = _head_rows(DO, b, h, start, stride_db, stride_dh, stride_dn)
-        k_base = _head_rows(K, b, h, start, stride_kb, stride_kh, stride_kn)
-        v_base = _head_rows(V, b, h, start, stride_vb, stride_vh, stride_vn)
-        dq_base = _head_rows(DQ, b, h, start, stride_dqb, stride_dqh, stride_dqn)
-        bias_base = Bias + b * stride_bb + h * stride_bh
-        lse_base = LSE + b * stride_lb + h * stride_lh + start
         delta_base = Delta + b * stride_lb + h * stride_lh + start
+        dq_base = _head_rows(DQ, b, h, start, stride_dqb, stride_dqh, stride_dqn)
         offs_d = tl.arange(0, D_PAD)
         if _splits_tail(start_m, N, BLOCK_M, SPLIT_TAIL):
             for tail_m in range(start_m, N, TAIL_BLOCK):
