@@ -20,6 +20,8 @@
 #                     residual adds, mlp_recompute, residual scale, partial sums; see results/h200/NOTES.md)
 #   NEW_TESTS_SECONDS time limit of the new-tests step (default 200)
 #   GPU_TEST_SECONDS  time limit of the GPU test run (default 150)
+#   GPU_TEST_WORKERS  pytest-xdist processes for both test steps where xdist is installed (default 8; 0: one
+#                     process). Compiling each test's kernels is most of a GPU test's time, and it is CPU work
 #   GPU_TESTS         test paths in the order to run them (default: tests)
 #   MICRO_SECONDS     --max-seconds of the micro benchmark (default 120)
 #   MICRO_ARGS        its other arguments (default --quick), e.g. "--quick --compile none --ops layer_norm,softmax"
@@ -47,6 +49,7 @@ NEW_TESTS="${NEW_TESTS:-tests/test_linear.py tests/test_partial_sum.py
   tests/test_attention_varlen.py tests/test_packed_multicrop.py tests/test_patch_vit.py tests/test_layer_norm.py
   tests/test_gelu.py}"
 GPU_TEST_SECONDS="${GPU_TEST_SECONDS:-150}"
+GPU_TEST_WORKERS="${GPU_TEST_WORKERS:-8}"
 MICRO_SECONDS="${MICRO_SECONDS:-120}"
 MICRO_ARGS="${MICRO_ARGS:---quick}"
 MODELS_SECONDS="${MODELS_SECONDS:-170}"
@@ -60,6 +63,25 @@ SUMMARY=()
 SUITE_START=$(date +%s)
 
 wants() { [[ "$STEPS" == *",$1,"* ]]; }
+
+report_tests() {  # report_tests STEP: the step's passed / failed counts and failures, from its part of gpu_tests.log
+  local part
+  part="$(awk -v head="== $1 " 'index($0, "== ") == 1 { on = index($0, head) == 1; if (on) text = "" }
+    on { text = text $0 "\n" } END { printf "%s", text }' \
+    "$OUT/gpu_tests.log")"
+  echo "   $1: $(grep -c ' PASSED' <<<"$part") passed, $(grep -c ' FAILED' <<<"$part") failed," \
+    "$(grep -c ' SKIPPED' <<<"$part") skipped; last line: $(tail -1 <<<"$part")"
+  grep -E '^(FAILED|ERROR) ' <<<"$part" | sort -u | head -20 | sed 's/^/   /'
+}
+
+test_args() {  # pytest arguments of the GPU test steps: one line per test (what a timeout leaves), in parallel
+  local args=(-m gpu -v -rfE -p no:cacheprovider -o faulthandler_timeout=60)
+  if [ "$GPU_TEST_WORKERS" -gt 0 ] && "$PY" -c "import xdist" 2>/dev/null; then
+    args+=(-n "$GPU_TEST_WORKERS")
+  fi
+  "$PY" -c "import pytest_timeout" 2>/dev/null && args+=(--timeout 120)
+  printf '%s\n' "${args[@]}"
+}
 
 record() {  # record STEP RC SECONDS [NOTE]
   local state="ok"
@@ -118,9 +140,9 @@ fi
 
 if wants new-tests; then  # what changed since the last GPU run, before the benchmarks that rely on it
   # shellcheck disable=SC2086
-  run_step new-tests "${NEW_TESTS_SECONDS:-200}" "$OUT/gpu_tests.log" "$PY" -m pytest $NEW_TESTS -m gpu -q -p no:cacheprovider \
-    -o faulthandler_timeout=60
-  tail -1 "$OUT/gpu_tests.log" | sed 's/^/   new-tests: /'
+  mapfile -t args < <(test_args)
+  run_step new-tests "${NEW_TESTS_SECONDS:-200}" "$OUT/gpu_tests.log" "$PY" -m pytest $NEW_TESTS "${args[@]}"
+  report_tests new-tests
 fi
 
 if wants dino; then  # the DINO step, issue 7's configuration
@@ -182,11 +204,10 @@ fi
 
 
 if wants tests; then
-  per_test=()
-  "$PY" -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 120)
-  run_step tests "$GPU_TEST_SECONDS" "$OUT/gpu_tests.log" \
-    "$PY" -m pytest ${GPU_TESTS:-tests} -m gpu -q --maxfail=20 -p no:cacheprovider -o faulthandler_timeout=60 "${per_test[@]}"
-  tail -3 "$OUT/gpu_tests.log" | sed 's/^/   tests: /'
+  mapfile -t args < <(test_args)
+  # shellcheck disable=SC2086
+  run_step tests "$GPU_TEST_SECONDS" "$OUT/gpu_tests.log" "$PY" -m pytest ${GPU_TESTS:-tests} --maxfail=20 "${args[@]}"
+  report_tests tests
 fi
 
 if wants verify; then  # fastvision.verify on full-size ViT-S/16 and ViT-B/16 in bf16 on the GPU
