@@ -257,6 +257,47 @@ def test_layer_norm_reads_row_strided_slices_in_place(device):
 
 
 @pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("x_dtype, r_dtype, scaled, writes_residual_grad", [
+    (torch.bfloat16, torch.bfloat16, False, False),
+    (torch.float32, torch.float32, False, False),
+    (torch.float32, torch.bfloat16, False, True),
+    (torch.bfloat16, torch.bfloat16, True, True),
+], ids=("bf16", "fp32", "fp32+bf16", "bf16-scaled"))
+def test_add_layer_norm_residual_grad_written_only_when_it_differs(device, x_dtype, r_dtype, scaled,
+                                                                   writes_residual_grad, monkeypatch):
+    """Unscaled and in h's dtype, the residual's gradient is dx: the backward writes it once and both
+    inputs get it; gradients accumulate into both over two backward passes as eager's do."""
+    from fastvision.triton_kernels import layer_norm as kernels
+
+    asked = []
+    original = kernels.layer_norm_bwd
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs.get("residual_dtype"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "layer_norm_bwd", spy)
+    hidden = 384
+    x = randn(2, 37, hidden, dtype=x_dtype, device=device, requires_grad=True)
+    r = randn(2, 37, hidden, dtype=r_dtype, device=device, std=3.0, requires_grad=True)
+    w, b = randn(hidden, device=device, requires_grad=True), randn(hidden, device=device, requires_grad=True)
+    scale = torch.tensor([[0.0], [1.25]], device=device) if scaled else None
+    dy, dh = randn(2, 37, hidden, device=device), randn(2, 37, hidden, device=device)
+    for _ in range(2):
+        y, h = fastvision.ops.add_layer_norm(x, r, (hidden,), w, b, residual_scale=scale)
+        torch.autograd.backward((y, h), (dy.to(y.dtype), dh.to(h.dtype)))
+    refs = float64_copies(x, r, w, b)
+    hr = refs[0] + refs[1] * (scale.double().cpu()[..., None] if scaled else 1.0)
+    grads = (dy.double().cpu(), dh.double().cpu())
+    torch.autograd.backward((reference_layer_norm(hr, *refs[2:]), hr), grads)
+    tolerance_dtype = torch.bfloat16 if torch.bfloat16 in (x_dtype, r_dtype) else x_dtype
+    for name, t, rt in zip(("x", "residual", "weight", "bias"), (x, r, w, b), refs):
+        assert_close(t.grad, 2 * rt.grad, tolerance_dtype, name=f"grad of {name}, accumulated twice")
+    assert x.grad.data_ptr() != r.grad.data_ptr()
+    assert asked == [r_dtype if writes_residual_grad else None] * 2
+
+
+@pytest.mark.parametrize("device", kernel_devices())
 @pytest.mark.parametrize("hidden", (384, 768))
 def test_add_layer_norm_backward_every_launch_candidate(device, hidden, monkeypatch):
     """Each backward launch the tuner may pick (layout, pipeline depth, grid) gives the float64 gradients:

@@ -414,16 +414,17 @@ def aot_specializations():
                 constexprs.update(R=None, H=None)
             yield layer_norm_fwd_kernel, signature, constexprs, warps
             signature = {"DY": p, "H": p, "W": p, "Rstd": stats, "DH_SKIP": res_ptr, "S": "constexpr", "DX": p,
-                         "DR": res_ptr, "DW_PARTIAL": stats, "stride_dy": "i32", "stride_h": "i32",
+                         "DR": "constexpr", "DW_PARTIAL": stats, "stride_dy": "i32", "stride_h": "i32",
                          "stride_skip": "i32", "stride_dx": "i32", "stride_dr": "i32", "M": "i32",
                          "rows_per_program": "i32", "N": "constexpr", "HAS_SKIP_GRAD": "constexpr",
                          "HAS_RESIDUAL_GRAD": "constexpr", "HAS_RESIDUAL_SCALE": "constexpr", "HAS_WEIGHT": "constexpr",
                          "NEEDS_WB_GRAD": "constexpr", "BLOCK_N": "constexpr", "SEG": "constexpr", "ROWS": "constexpr",
                          "SINGLE_BLOCK": "constexpr", "STAGES": "constexpr"}
-            constexprs = {"N": n, "HAS_SKIP_GRAD": residual, "HAS_RESIDUAL_GRAD": residual, "HAS_RESIDUAL_SCALE": False,
-                          "S": None, "HAS_WEIGHT": True, "NEEDS_WB_GRAD": True}
+            # x + residual in one dtype, unscaled: the residual's gradient is dx, not written twice
+            constexprs = {"N": n, "HAS_SKIP_GRAD": residual, "HAS_RESIDUAL_GRAD": False, "HAS_RESIDUAL_SCALE": False,
+                          "S": None, "HAS_WEIGHT": True, "NEEDS_WB_GRAD": True, "DR": None}
             if not residual:
-                constexprs.update(DH_SKIP=None, DR=None)
+                constexprs.update(DH_SKIP=None)
             tile_bytes = (3 if residual else 2) * dtype.itemsize
             candidates = _bwd_candidates(n, vec, tile_bytes)
             if not (n == 768 and residual):  # every layout and pipeline depth tuning may pick, for one width

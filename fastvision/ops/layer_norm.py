@@ -114,15 +114,18 @@ def _weight_grads_fake(h, needs_weight_grad):
 
 def _add_layer_norm_backward_impl(dy: Tensor, h: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
                                   skip_grad: Optional[Tensor], residual_scale: Optional[Tensor],
-                                  residual_dtype: torch.dtype, needs_weight_grad: bool
+                                  residual_dtype: Optional[torch.dtype], needs_weight_grad: bool
                                   ) -> Tuple[Tensor, Tensor, Tensor]:
-    """(dh, the residual's gradient dh * residual_scale in residual_dtype, [dweight; dbias])."""
-    return _backward(dy, h, weight, mean, rstd, skip_grad, needs_weight_grad, residual_dtype, residual_scale)
+    """(dh, the residual's gradient dh * residual_scale in residual_dtype, [dweight; dbias]). Without
+    residual_dtype the residual's gradient is not written (an empty tensor in its place)."""
+    dx, dr, dwb = _backward(dy, h, weight, mean, rstd, skip_grad, needs_weight_grad, residual_dtype, residual_scale)
+    return dx, (dr if dr is not None else h.new_empty(0)), dwb
 
 
 def _add_layer_norm_backward_fake(dy, h, weight, mean, rstd, skip_grad, residual_scale, residual_dtype,
                                   needs_weight_grad):
-    return h.new_empty(h.shape), h.new_empty(h.shape, dtype=residual_dtype), _weight_grads_fake(h, needs_weight_grad)
+    dr = h.new_empty(h.shape, dtype=residual_dtype) if residual_dtype is not None else h.new_empty(0)
+    return h.new_empty(h.shape), dr, _weight_grads_fake(h, needs_weight_grad)
 
 
 def _eager_backward(dy, h, weight, mean, rstd, skip_grad, needs_weight_grad, residual_dtype=None,
@@ -201,10 +204,13 @@ def _add_layer_norm_backward(ctx, dy, dh, _dmean, _drstd):
     if dy is None:
         dy = torch.zeros_like(h)
     x_dtype, residual_dtype = ctx.input_dtypes
-    dx, dr, dwb = call("add_layer_norm_backward", dy, h, weight, mean, rstd, dh, residual_scale, residual_dtype,
-                       _needs_weight_grad(ctx))
+    # h = x + residual: unscaled and in h's dtype, the residual's gradient is dh itself, written once
+    # and handed to both inputs (as autograd's own add does)
+    same_grad = residual_scale is None and residual_dtype == h.dtype
+    dx, dr, dwb = call("add_layer_norm_backward", dy, h, weight, mean, rstd, dh, residual_scale,
+                       None if same_grad else residual_dtype, _needs_weight_grad(ctx))
     dw, db = _weight_grads(ctx, dwb, weight, bias)
-    return dx.to(x_dtype), dr, dw, db, None, None, None
+    return dx.to(x_dtype), (dx if same_grad else dr), dw, db, None, None, None
 
 
 define("add_layer_norm_backward", _add_layer_norm_backward_impl, _add_layer_norm_backward_fake)
