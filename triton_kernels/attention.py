@@ -433,6 +433,9 @@ def _config(block_m, block_n, warps, stages, split_tail=False):
 
 FWD_CONFIGS = [
     _config(128, 64, 4, 3), _config(128, 128, 8, 3), _config(128, 32, 4, 3), _config(64, 64, 4, 3),
+    # 2 stages: 41 KB of shared memory, 4 programs per SM instead of 3 (N = 197: four key blocks
+    # per program, too few for a third stage to reach a steady state)
+    _config(64, 64, 4, 2),
     _config(64, 32, 4, 2), _config(128, 64, 8, 2), _config(64, 128, 4, 2), _config(64, 256, 4, 1),
     _config(128, 256, 8, 1),  # N ≤ 256 (a 224-px image at patch 14 or 16): all keys in one block
     # The last query block in 16-row tiles (_splits_tail): only offered where N leaves a short end.
