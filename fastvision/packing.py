@@ -113,13 +113,15 @@ def _embed(vit: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return vit.norm_pre(x)
 
 
-def _run_blocks(vit: nn.Module, x: torch.Tensor, segments: "ops.Segments") -> torch.Tensor:
+def _run_blocks(vit: nn.Module, x: torch.Tensor, segments: "ops.Segments",
+                rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The blocks over the packed stream; with ``rows`` (token indices), the output at those tokens only."""
     checkpointing = getattr(vit, "grad_checkpointing", False) and torch.is_grad_enabled()
     if not checkpointing:
-        return transformer.run_blocks(vit.blocks, x, attn_mask=segments)
+        return transformer.run_blocks(vit.blocks, x, attn_mask=segments, rows=rows)
     for block in vit.blocks:
         x = torch.utils.checkpoint.checkpoint(block, x, attn_mask=segments, use_reentrant=False)
-    return x
+    return x if rows is None else x.index_select(1, rows)
 
 
 def _pools_first_token(vit: nn.Module) -> bool:
@@ -144,12 +146,12 @@ def packed_features(vit: nn.Module, groups: Sequence[torch.Tensor], *, pre_logit
     lengths: List[int] = [x.shape[1] for x in embedded for _ in range(x.shape[0])]
     stream = torch.cat([x.to(dtype).reshape(-1, x.shape[-1]) for x in embedded]).unsqueeze(0)
     segments = segments_for(tuple(lengths), stream.device)
-    stream = _run_blocks(vit, stream, segments)
     if _pools_first_token(vit):
-        # Only each sequence's first token is read, and the final norm acts per token: normalise those alone.
-        first_tokens = vit.norm(stream.index_select(1, segments.first_tokens))  # (1, images, C)
+        # Only each sequence's first token is read after the blocks, and what follows the last block's
+        # attention (norm2, MLP, final norm) acts per token: run those on the first tokens alone.
+        first_tokens = vit.norm(_run_blocks(vit, stream, segments, rows=segments.first_tokens))  # (1, images, C)
         return vit.forward_head(first_tokens.transpose(0, 1), pre_logits=pre_logits)
-    stream = vit.norm(stream)
+    stream = vit.norm(_run_blocks(vit, stream, segments))
     # Back to (n_i, L_i, C) per resolution: timm's own pooling (token, avg, map, ...) then applies as is.
     sizes = [x.shape[0] * x.shape[1] for x in embedded]
     per_group = stream.squeeze(0).split(sizes)  # squeeze: no zero-filled stream-sized gradient, as [0] gives

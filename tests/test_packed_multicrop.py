@@ -247,6 +247,37 @@ def test_block_drops_each_packed_crop_as_a_whole():
     assert all(5 <= c <= 27 for c in counts.values()), counts  # 64 draws, p = 1/4 each: ±3 sd
 
 
+@pytest.mark.parametrize("layout", ("packed", "batch"))
+def test_blocks_output_at_chosen_rows_equals_the_full_output_there(layout, monkeypatch):
+    """run_blocks(rows=...) (the last block's MLP on those tokens alone) gives the full run's output at
+    those rows, with the same drop-path draws in training, and the same gradients."""
+    model = tiny_vit(depth=2, init_values=0.5, drop_path_rate=0.5, embed_dim=32, num_heads=2).train()
+    if layout == "packed":
+        segments = _random_segments(9, 6)
+        x0, rows, mask = torch.randn(1, segments.total, 32), segments.first_tokens, segments
+    else:
+        x0, rows, mask = torch.randn(4, 6, 32), torch.tensor([0, 3]), None
+    mlp_rows = []
+    last_mlp = model.blocks[-1].mlp
+    last_mlp.register_forward_pre_hook(lambda module, args: mlp_rows.append(args[0].shape[-2]))
+
+    def run(selected):
+        torch.manual_seed(3)  # the same drop-path draws for both runs
+        x = x0.clone().requires_grad_(True)
+        out = transformer.run_blocks(model.blocks, x, attn_mask=mask, rows=selected)
+        out = out if selected is not None else out.index_select(-2, rows)
+        weights = torch.linspace(-1, 1, out.numel()).view_as(out)
+        grads = torch.autograd.grad((out * weights).sum(), [x, *model.blocks.parameters()])
+        return out, grads
+
+    out, grads = run(rows)
+    ref, ref_grads = run(None)
+    assert mlp_rows == [len(rows), x0.shape[-2]]
+    assert_close(out, ref, torch.float32, name="output at the rows")
+    for (name, _), grad, ref_grad in zip((("x", None), *model.blocks.named_parameters()), grads, ref_grads):
+        assert_close(grad, ref_grad, torch.float32, name=f"grad of {name}")
+
+
 def test_packed_eval_with_drop_path_equals_unpacked_and_train_runs():
     model = tiny_vit(drop_path_rate=0.5, reg_tokens=4)
     groups = crop_groups([(32, 3), (16, 4)])

@@ -42,11 +42,15 @@ class Block(nn.Module):
         then keeps or drops each sequence as a whole, as it does each sample of a batch."""
         return finish_residual(*self.forward_carry(x, None, attn_mask=attn_mask, is_causal=is_causal))
 
-    def forward_carry(self, x: torch.Tensor, pending: "Pending", attn_mask=None, is_causal: bool = False
-                      ) -> Tuple[torch.Tensor, "Pending"]:
+    def forward_carry(self, x: torch.Tensor, pending: "Pending", attn_mask=None, is_causal: bool = False,
+                      rows: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, "Pending"]:
         """(x, pending) in, (x, pending) out, where the residual stream is x + branch * row_scale for
         pending = (branch, row_scale or None), or x for pending = None. The pending add is fused into
-        norm1 where norm1 is a fastvision LayerNorm."""
+        norm1 where norm1 is a fastvision LayerNorm.
+
+        ``rows`` (token indices along dim -2): the output at those tokens alone. Attention still reads
+        every token; norm2 and the MLP run on those rows only (the last block of a ViT pooled by its CLS
+        token: DINO's packed pass)."""
         qkv_dtype = _linear_input_dtype(x, self.attn, "qkv")
         if pending is not None and self.fuse_residual_norm and isinstance(self.norm1, LayerNorm):
             y, x = self.norm1.forward_add(x, pending[0], out_dtype=qkv_dtype, residual_scale=pending[1])
@@ -58,16 +62,22 @@ class Block(nn.Module):
             y = self.norm1(x)
         a, scale = self._branch(self.drop_path1, self.ls1(self.attn(y, attn_mask=attn_mask, is_causal=is_causal)),
                                 x, attn_mask)
+        if rows is not None:
+            x, a = x.index_select(-2, rows), a.index_select(-2, rows)
+            if scale is not None and isinstance(attn_mask, ops.Segments):  # per token; per sample stays
+                scale = scale.index_select(-1, rows)
         if self.fuse_residual_norm and isinstance(self.norm2, LayerNorm):
             y, x = self.norm2.forward_add(x, a, out_dtype=_linear_input_dtype(x, self.mlp, "fc1"),
                                           residual_scale=scale)
         else:
             x = finish_residual(x, (a, scale))
             y = self.norm2(x)
-        return x, self._branch(self.drop_path2, self.ls2(self.mlp(y)), x, attn_mask)
+        return x, self._branch(self.drop_path2, self.ls2(self.mlp(y)), x, attn_mask, rows)
 
-    def _branch(self, drop_path: nn.Module, branch: torch.Tensor, x: torch.Tensor, attn_mask) -> "Pending":
-        """(branch, per-row keep scale or None): drop path as a factor the fused add applies."""
+    def _branch(self, drop_path: nn.Module, branch: torch.Tensor, x: torch.Tensor, attn_mask,
+                rows: Optional[torch.Tensor] = None) -> "Pending":
+        """(branch, per-row keep scale or None): drop path as a factor the fused add applies. ``rows``:
+        x and branch hold only those tokens of the packed stream attn_mask describes."""
         if not drop_path.training or isinstance(drop_path, nn.Identity):
             return drop_path(branch), None
         if not is_drop_path(drop_path):
@@ -77,8 +87,8 @@ class Block(nn.Module):
         if drop_path.drop_prob == 0.0:
             return branch, None
         if isinstance(attn_mask, ops.Segments):
-            return branch, segment_keep_scale(attn_mask, drop_path.drop_prob, drop_path.scale_by_keep,
-                                              x.shape[-2]).view(1, -1)
+            scale = segment_keep_scale(attn_mask, drop_path.drop_prob, drop_path.scale_by_keep, attn_mask.total)
+            return branch, (scale if rows is None else scale.index_select(0, rows)).view(1, -1)
         return branch, sample_keep_scale(x.shape[0], x.dim(), drop_path.drop_prob, drop_path.scale_by_keep, x.device)
 
 
@@ -90,15 +100,22 @@ def finish_residual(x: torch.Tensor, pending: Pending) -> torch.Tensor:
     return x if pending is None else ops.residual_sum(x, *pending)
 
 
-def run_blocks(blocks, x: torch.Tensor, attn_mask=None) -> torch.Tensor:
-    """The blocks in order, each fastvision Block's last residual add fused into the next one's norm1."""
+def run_blocks(blocks, x: torch.Tensor, attn_mask=None, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The blocks in order, each fastvision Block's last residual add fused into the next one's norm1.
+
+    ``rows`` (token indices along dim -2): return the output at those tokens only, which spares a last
+    fastvision Block its MLP on every other token (see Block.forward_carry).
+    """
     pending: Pending = None
-    for block in blocks:
+    last = len(blocks) - 1
+    for i, block in enumerate(blocks):
         if isinstance(block, Block):
-            x, pending = block.forward_carry(x, pending, attn_mask=attn_mask)
+            x, pending = block.forward_carry(x, pending, attn_mask=attn_mask, rows=rows if i == last else None)
         else:
             x, pending = finish_residual(x, pending), None
             x = block(x) if attn_mask is None else block(x, attn_mask=attn_mask)
+            if i == last and rows is not None:
+                x = x.index_select(-2, rows)
     return finish_residual(x, pending)
 
 
