@@ -64,7 +64,7 @@ class Block(nn.Module):
                                 x, attn_mask)
         if rows is not None:
             x, a = x.index_select(-2, rows), a.index_select(-2, rows)
-            if scale is not None and isinstance(attn_mask, ops.Segments):  # per token; per sample stays
+            if scale is not None and isinstance(attn_mask, ops.Segments):  # one factor per token (batched: per sample)
                 scale = scale.index_select(-1, rows)
         if self.fuse_residual_norm and isinstance(self.norm2, LayerNorm):
             y, x = self.norm2.forward_add(x, a, out_dtype=_linear_input_dtype(x, self.mlp, "fc1"),
