@@ -16,8 +16,9 @@
 #   PROBE_ARGS        arguments of benchmarks.kernel_probe in the ncu step (default: every workload), e.g.
 #                     "--ops add_layer_norm"; NCU: the ncu binary (default: found on PATH or under /usr/local/cuda)
 #   NEW_TESTS         test files of the new-tests step: code not yet run on a GPU that the benchmarks after it
-#                     rely on (default: the graph step with a DDP student, dense packed attention, pending
-#                     residual adds, mlp_recompute, residual scale, partial sums; see results/h200/NOTES.md)
+#                     rely on (default: every attention launch candidate, the residual + LayerNorm backward,
+#                     the packed pass's CLS-only last block, the graph step with a DDP student, partial sums;
+#                     see results/h100/NOTES.md)
 #   NEW_TESTS_SECONDS time limit of the new-tests step (default 200)
 #   GPU_TEST_SECONDS  time limit of the GPU test run (default 150)
 #   GPU_TEST_WORKERS  pytest-xdist processes for both test steps where xdist is installed (default 8; 0: one
@@ -44,10 +45,9 @@ cd "$(dirname "$0")/.."
 
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
 STEPS=",${SUITE_STEPS:-env,build,new-tests,dino,micro,dino-s8,ncu,conv-tests,host,resnet,models,tests,verify},"
-NEW_TESTS="${NEW_TESTS:-tests/test_linear.py tests/test_partial_sum.py
-  tests/test_attention.py::test_short_ragged_end_either_way tests/test_dino_cuda_graph.py
-  tests/test_attention_varlen.py tests/test_packed_multicrop.py tests/test_patch_vit.py tests/test_layer_norm.py
-  tests/test_gelu.py}"
+NEW_TESTS="${NEW_TESTS:-tests/test_attention.py::test_every_autotune_config_is_correct tests/test_layer_norm.py
+  tests/test_packed_multicrop.py tests/test_dino_cuda_graph.py tests/test_linear.py tests/test_partial_sum.py
+  tests/test_gelu.py tests/test_patch_vit.py}"
 GPU_TEST_SECONDS="${GPU_TEST_SECONDS:-150}"
 GPU_TEST_WORKERS="${GPU_TEST_WORKERS:-8}"
 MICRO_SECONDS="${MICRO_SECONDS:-120}"
