@@ -15,7 +15,7 @@ import copy
 import itertools
 import math
 import warnings
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -350,12 +350,12 @@ def _device_type(crops: Sequence[torch.Tensor]) -> str:
 
 
 def forward_backward(student: nn.Module, teacher: nn.Module, loss_fn: DINOLoss, crops: Sequence[torch.Tensor],
-                     epoch: int, *, clip_grad: float = 3.0, autocast_dtype: Optional[torch.dtype] = None
-                     ) -> torch.Tensor:
+                     epoch: int, *, clip_grad: float = 3.0, autocast_dtype: Optional[torch.dtype] = None,
+                     backward: Optional[Callable[[torch.Tensor], None]] = None) -> torch.Tensor:
     """Teacher on the global crops, student on all crops, loss, backward, gradient clipping.
 
-    Gradients are written into ``.grad`` (accumulated: the caller zeroes them first). Returns the
-    loss, detached, on the device.
+    Gradients are written into ``.grad`` (accumulated: the caller zeroes them first), or wherever
+    ``backward(loss)`` puts them when given. Returns the loss, detached, on the device.
     """
     crops = list(crops)
     # Without autocast_dtype, a torch.autocast the caller entered still applies.
@@ -366,7 +366,10 @@ def forward_backward(student: nn.Module, teacher: nn.Module, loss_fn: DINOLoss, 
             teacher_output = teacher(crops[:loss_fn.n_global_crops])
         student_output = student(crops)
     loss = loss_fn(student_output, teacher_output, epoch)
-    loss.backward()
+    if backward is None:
+        loss.backward()
+    else:
+        backward(loss)
     if clip_grad:
         clip_gradients(student, clip_grad)
     return loss.detach()
@@ -433,6 +436,19 @@ class FlatGradients:
         for p, view in self._views:
             if p.grad is not view:
                 p.grad = view
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """loss's gradients written into the buffers by torch.autograd.grad, past the parameters'
+        AccumulateGrad nodes. DistributedDataParallel keeps those nodes from its construction, tied
+        to the stream they were made on; a CUDA graph captured on another stream that accumulates
+        through them must wait on that stream, which invalidates the capture."""
+        grads = torch.autograd.grad(loss, [p for p, _ in self._views], allow_unused=True)
+        with torch.no_grad():
+            for (_, view), grad in zip(self._views, grads):
+                if grad is None:
+                    view.zero_()
+                else:
+                    view.copy_(grad)
 
     @torch.no_grad()
     def all_reduce_mean(self, group=None) -> None:
@@ -503,13 +519,13 @@ class GraphedForwardBackward:
         return loss
 
     def _forward_backward(self, step: "DINOStep", epoch: int, ddp: bool) -> torch.Tensor:
-        if ddp:  # the gradients are views of the flat buffers: zeroed in place, not dropped
-            step.optimizer.zero_grad(set_to_none=False)
-        else:  # inside a capture: the graph allocates (and owns) the gradients
-            step.optimizer.zero_grad(set_to_none=True)
-        student = step.student.module if ddp else step.student
-        return forward_backward(student, step.teacher, step.loss_fn, self._inputs, epoch,
-                                clip_grad=0.0 if ddp else step.clip_grad, autocast_dtype=step.autocast_dtype)
+        if ddp:  # the gradients are views of the flat buffers, overwritten by FlatGradients.backward
+            return forward_backward(step.student.module, step.teacher, step.loss_fn, self._inputs, epoch,
+                                    clip_grad=0.0, autocast_dtype=step.autocast_dtype,
+                                    backward=self._flat_grads.backward)
+        step.optimizer.zero_grad(set_to_none=True)  # inside a capture: the graph allocates (and owns) the gradients
+        return forward_backward(step.student, step.teacher, step.loss_fn, self._inputs, epoch,
+                                clip_grad=step.clip_grad, autocast_dtype=step.autocast_dtype)
 
 
 class DINOStep:

@@ -26,8 +26,11 @@ def tolerance(dtype: torch.dtype, tf32: bool = False) -> float:
         raise ValueError(f"no tolerance for dtype {dtype}") from None
 
 
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| in float64; inf when NaN/inf patterns differ or shapes do."""
+def relative_error(out: torch.Tensor, ref: torch.Tensor, scale: Optional[float] = None) -> float:
+    """||out - ref|| / ||ref|| in float64; inf when NaN/inf patterns differ or shapes do.
+
+    ``scale`` replaces ||ref|| where the exact result cancels to (nearly) zero: then the size of
+    the cancelling terms is what rounding errors are relative to."""
     if out.shape != ref.shape:
         return float("inf")
     out = out.detach().to("cpu", torch.float64)
@@ -39,17 +42,19 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
         return float("inf")
     finite = torch.isfinite(ref)
     diff = torch.linalg.vector_norm(out[finite] - ref[finite]).item()
-    scale = torch.linalg.vector_norm(ref[finite]).item()
+    if scale is None:
+        scale = torch.linalg.vector_norm(ref[finite]).item()
     if scale == 0.0:
         return diff
     return diff / scale
 
 
 def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: Optional[torch.dtype] = None, *,
-                 name: str = "output", tol: Optional[float] = None) -> float:
-    """Raise AssertionError unless ``out`` is within the tolerance of ``dtype`` (default out.dtype)."""
+                 name: str = "output", tol: Optional[float] = None, scale: Optional[float] = None) -> float:
+    """Raise AssertionError unless ``out`` is within the tolerance of ``dtype`` (default out.dtype);
+    ``scale``: see relative_error."""
     limit = tol if tol is not None else tolerance(dtype or out.dtype)
-    err = relative_error(out, ref)
+    err = relative_error(out, ref, scale)
     if not err <= limit:
         raise AssertionError(f"{name}: relative error {err:.3e} exceeds {limit:.1e} "
                              f"(shape {tuple(out.shape)}, dtype {out.dtype})")

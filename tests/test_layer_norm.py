@@ -38,7 +38,10 @@ def test_layer_norm_matches_float64(device, dtype, rows, hidden):
     w = randn(hidden, dtype=dtype, device=device, mean=1.0, requires_grad=True)
     b = randn(hidden, dtype=dtype, device=device, requires_grad=True)
     dy = randn(rows, hidden, dtype=dtype, device=device)
-    check_against_float64(_ln(hidden), _ref_ln(hidden), (x, w, b), dy, dtype, ("x", "weight", "bias"))
+    # At width 1 the gradient of x is exactly zero: dy * w * rstd minus its own row mean, with
+    # rstd = eps^-1/2 ~ 316, so its rounding is measured against the size of those terms.
+    scales = {"x": (dy.double() * w.double()).norm().item() * 1e-5 ** -0.5} if hidden == 1 else None
+    check_against_float64(_ln(hidden), _ref_ln(hidden), (x, w, b), dy, dtype, ("x", "weight", "bias"), scales)
 
 
 @pytest.mark.parametrize("device", kernel_devices())
