@@ -90,7 +90,8 @@ def timed_choice(key, candidates, launch, device_index):
     later process on the same kind of GPU starts with it. Candidates the GPU cannot run (out of shared
     memory or registers) are skipped. Nothing can be timed while a CUDA graph is captured: the stored
     choice then, else the first candidate, not cached. Tuning is done here rather than with triton.autotune,
-    whose per-launch bookkeeping costs tens of microseconds."""
+    whose per-launch bookkeeping costs tens of microseconds. ``FASTVISION_TUNING_LOG=1`` prints every
+    candidate's time."""
     best = _TUNED.get(key)
     if best is not None:
         return best
@@ -108,6 +109,9 @@ def timed_choice(key, candidates, launch, device_index):
         if not times:
             raise RuntimeError(f"no launch configuration of {key[0]} fits this GPU")
         best = candidates[min(times, key=times.get)]
+        if os.environ.get("FASTVISION_TUNING_LOG") == "1":
+            for i in sorted(times, key=times.get):
+                print(f"tuning {key[0]} {key[1:]}: {times[i] * 1e3:8.2f} us  {candidates[i]}", flush=True)
         _store_choice(path, key, best)
     _TUNED[key] = best
     return best
