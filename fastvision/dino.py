@@ -15,7 +15,7 @@ import copy
 import itertools
 import math
 import warnings
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -437,14 +437,11 @@ class FlatGradients:
             if p.grad is not view:
                 p.grad = view
 
-    def backward(self, loss: torch.Tensor) -> None:
-        """loss's gradients written into the buffers by torch.autograd.grad, past the parameters'
-        AccumulateGrad nodes. DistributedDataParallel keeps those nodes from its construction, tied
-        to the stream they were made on; a CUDA graph captured on another stream that accumulates
-        through them must wait on that stream, which invalidates the capture."""
-        grads = torch.autograd.grad(loss, [p for p, _ in self._views], allow_unused=True)
+    def write(self, grads: Dict[nn.Parameter, Optional[torch.Tensor]]) -> None:
+        """Copy each parameter's gradient (None or absent: zero) into its view."""
         with torch.no_grad():
-            for (_, view), grad in zip(self._views, grads):
+            for p, view in self._views:
+                grad = grads.get(p)
                 if grad is None:
                     view.zero_()
                 else:
@@ -519,13 +516,31 @@ class GraphedForwardBackward:
         return loss
 
     def _forward_backward(self, step: "DINOStep", epoch: int, ddp: bool) -> torch.Tensor:
-        if ddp:  # the gradients are views of the flat buffers, overwritten by FlatGradients.backward
-            return forward_backward(step.student.module, step.teacher, step.loss_fn, self._inputs, epoch,
-                                    clip_grad=0.0, autocast_dtype=step.autocast_dtype,
-                                    backward=self._flat_grads.backward)
+        if ddp:
+            return self._forward_backward_ddp(step, epoch)
         step.optimizer.zero_grad(set_to_none=True)  # inside a capture: the graph allocates (and owns) the gradients
         return forward_backward(step.student, step.teacher, step.loss_fn, self._inputs, epoch,
                                 clip_grad=step.clip_grad, autocast_dtype=step.autocast_dtype)
+
+
+    def _forward_backward_ddp(self, step: "DINOStep", epoch: int) -> torch.Tensor:
+        """The wrapped module run on fresh aliases of its parameters (same storage, so optimizer updates
+        reach the graph), their gradients written into the flat buffers. DistributedDataParallel keeps
+        the parameters' own AccumulateGrad nodes from its construction, tied to the stream they were
+        made on; a capture on another stream whose backward feeds them must wait on that stream,
+        which invalidates the capture. The aliases' nodes are made on the capturing stream."""
+        module = step.student.module
+        named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+        aliases = {name: p.detach().requires_grad_() for name, p in named}
+
+        def student(crops):
+            return torch.func.functional_call(module, aliases, (crops,))
+
+        def backward(loss):
+            grads = torch.autograd.grad(loss, list(aliases.values()), allow_unused=True)
+            self._flat_grads.write({p: grad for (_, p), grad in zip(named, grads)})
+        return forward_backward(student, step.teacher, step.loss_fn, self._inputs, epoch, clip_grad=0.0,
+                                autocast_dtype=step.autocast_dtype, backward=backward)
 
 
 class DINOStep:

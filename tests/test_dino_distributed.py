@@ -25,10 +25,13 @@ def _crops(rank: int, step: int):
 
 
 def _train(rank: int, flat: bool):
+    import fastvision
     from fastvision import dino
 
     torch.manual_seed(0)
     student, teacher = dino.build_dino("vit_tiny", 16, 64, img_size=32, depth=1, drop_path_rate=0.0)
+    # Patched, so the graphed step's functional_call on parameter aliases runs through fastvision's modules.
+    student, teacher = fastvision.patch(student), fastvision.patch(teacher)
     student = torch.nn.parallel.DistributedDataParallel(student)
     loss_fn = dino.DINOLoss(64, 4, 0.04, 0.07, 0, 10)
     optimizer = torch.optim.SGD(dino.param_groups(student), lr=0.5)
