@@ -360,6 +360,48 @@ def test_tuning_picks_the_fastest_fitting_configuration_once(monkeypatch):
     assert _launch.timed_choice(("key",), candidates, launch, 0) is fast and len(calls) == len(candidates)
 
 
+def test_cuda_launch_choice_is_looked_up_after_the_first_call(monkeypatch):
+    """Listing the candidates hashes the kernel ~80 times (Triton hashes its source key): on the H100's host
+    that was ~70 µs per attention launch. It happens once per shape, tuned or heuristic."""
+    from types import SimpleNamespace
+
+    from fastvision.triton_kernels import _launch
+    from fastvision.triton_kernels import attention as kernels
+
+    real = kernels.attention_fwd_kernel
+    grids = []
+
+    class Recorder:  # stands in for the kernel: records the grid instead of launching
+        __name__ = real.__name__
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: grids.append((grid, kwargs["BLOCK_M"]))
+
+        def __hash__(self):
+            return hash(real)
+
+        def __eq__(self, other):
+            return other is self or other is real
+
+    listed = []
+    candidate_configs = kernels.candidate_configs
+    monkeypatch.setattr(kernels, "candidate_configs", lambda *a: listed.append(a) or candidate_configs(*a))
+    tensor = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16, element_size=lambda: 2)
+    meta = dict(HEAD_DIM=64, D_PAD=64, HAS_BIAS=False, PRECISION="ieee", VARLEN=False)
+    monkeypatch.setattr(kernels, "_HEURISTIC", {})
+    monkeypatch.setenv("FASTVISION_AUTOTUNE", "0")
+    for _ in range(3):
+        kernels._launch(Recorder(), tensor, 197, 8, **meta)
+    assert len(listed) == 1 and len(grids) == 3
+    tuned = kernels.candidate_configs(real, 197, 64, 2)[-1]
+    key = (real.__name__, 197, 64, torch.bfloat16, False, "ieee", False, 0)
+    monkeypatch.setattr(_launch, "_TUNED", {key: tuned})
+    monkeypatch.setenv("FASTVISION_AUTOTUNE", "1")
+    listed.clear()
+    kernels._launch(Recorder(), tensor, 197, 8, **meta)
+    assert not listed and grids[-1] == ((kernels.cdiv(197, tuned.kwargs["BLOCK_M"]), 8), tuned.kwargs["BLOCK_M"])
+
+
 def test_split_tail_candidates_only_where_n_leaves_a_short_end():
     from fastvision.triton_kernels import attention as kernels
 

@@ -1,4 +1,7 @@
 """ops.linear: F.linear with the bias gradient summed by the column-sum kernel."""
+import importlib
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,6 +11,14 @@ import fastvision
 from fastvision.testing import assert_close
 from conftest import kernel_devices
 from helpers import float64_copies, randn
+
+linear_op = importlib.import_module("fastvision.ops.linear")
+
+
+@pytest.fixture(autouse=True)
+def column_sum_everywhere(monkeypatch):
+    """The kernel path on CUDA outside graph captures too, so these tests check it on a GPU."""
+    monkeypatch.setattr(linear_op, "COLUMN_SUM_OUTSIDE_CUDA_GRAPHS", True)
 
 
 @pytest.mark.parametrize("device", kernel_devices())
@@ -72,3 +83,25 @@ def test_patched_linear_keeps_forward_hooks():
     layer.register_forward_hook(lambda module, args, out: seen.append(out.shape))
     x = torch.randn(2, 8, requires_grad=True)
     assert torch.equal(linear(layer, x), layer(x)) and len(seen) == 2
+
+
+def test_on_cuda_the_kernel_runs_only_inside_graph_captures(monkeypatch):
+    """Outside a capture the host cost of the Python node outweighs the kernel: F.linear, with the reason."""
+    monkeypatch.setattr(linear_op, "COLUMN_SUM_OUTSIDE_CUDA_GRAPHS", False)
+    cuda_input = SimpleNamespace(device=torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert "no CUDA graph is being captured" in linear_op.host_cost_decline(cuda_input)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert linear_op.host_cost_decline(cuda_input) is None
+    assert linear_op.host_cost_decline(torch.randn(2)) is None  # the interpreter's CPU tensors: the kernel
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_outside_a_capture_on_cuda_is_f_linear(monkeypatch):
+    monkeypatch.setattr(linear_op, "COLUMN_SUM_OUTSIDE_CUDA_GRAPHS", False)
+    x = torch.randn(3, 37, 64, device="cuda", requires_grad=True)
+    layer = nn.Linear(64, 96).cuda()
+    y = fastvision.ops.linear(x, layer.weight, layer.bias)
+    assert type(y.grad_fn).__name__ != "_LinearBackward"  # F.linear's own C++ autograd node
+    assert torch.equal(y, layer(x))

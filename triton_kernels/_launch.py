@@ -84,6 +84,11 @@ def tuning_enabled() -> bool:
 _TUNED = {}
 
 
+def cached_choice(key):
+    """What timed_choice picked for ``key`` in this process, or None (a dictionary lookup)."""
+    return _TUNED.get(key)
+
+
 def timed_choice(key, candidates, launch, device_index):
     """The fastest of ``candidates`` for ``key``, each run through ``launch(candidate)`` and timed (median of
     do_bench) on the first call; the winner is cached in memory and on disk (``tuning_cache_file``), so a

@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import accumulator_dtype, cdiv, new_output, next_power_of_2, pointer, timed_choice, tuning_enabled
+from ._launch import (accumulator_dtype, cached_choice, cdiv, new_output, next_power_of_2, pointer, timed_choice,
+                      tuning_enabled)
 
 LOG2E = tl.constexpr(1.4426950408889634)
 # A short ragged end of a sequence (N mod block, at most half a block) runs in blocks of 16 instead of
@@ -512,6 +513,7 @@ GRID_AXIS = {attention_fwd_kernel: "BLOCK_M", attention_bwd_dkdv_kernel: "BLOCK_
              attention_bwd_dq_kernel: "BLOCK_M"}
 # Tests set this to a triton.Config to run every kernel with that one configuration.
 forced_config = None
+_HEURISTIC = {}  # (kernel name, n, head dim, padded head dim, element bytes) -> heuristic_config
 
 
 def _launch(kernel, tensor, n, programs_per_row, *args, **meta):
@@ -532,9 +534,15 @@ def _launch(kernel, tensor, n, programs_per_row, *args, **meta):
     elif tuning_enabled():
         key = (kernel.__name__, tuning_class(n), meta["HEAD_DIM"], tensor.dtype, meta["HAS_BIAS"],
                meta["PRECISION"], meta["VARLEN"], tensor.device.index)  # packed short crops tune apart
-        cfg = timed_choice(key, candidate_configs(kernel, n, d_pad, element_bytes), launch, tensor.device.index)
+        # The candidates are listed only until a choice is cached: listing them hashes the kernel
+        # (Triton hashes its source key, ~1 µs) about 80 times.
+        cfg = cached_choice(key) or timed_choice(key, candidate_configs(kernel, n, d_pad, element_bytes), launch,
+                                                 tensor.device.index)
     else:
-        cfg = heuristic_config(kernel, n, meta["HEAD_DIM"], d_pad, element_bytes)
+        key = (kernel.__name__, n, meta["HEAD_DIM"], d_pad, element_bytes)
+        cfg = _HEURISTIC.get(key)
+        if cfg is None:
+            cfg = _HEURISTIC[key] = heuristic_config(kernel, n, meta["HEAD_DIM"], d_pad, element_bytes)
     launch(cfg)
 
 

@@ -1,10 +1,17 @@
-"""Linear whose bias gradient is summed by the column-sum kernel.
+"""Linear whose bias gradient is summed by the column-sum kernel inside CUDA graphs.
 
 F.linear's backward sums the bias gradient over the tokens with torch's generic dim-0 reduction.
 On a ViT's tall (tokens, features) gradients that ran at about a quarter of the copy bandwidth
 (DINO step on an H200: 41 sums per step, 2.2 ms of GPU time). ``linear`` keeps F.linear's
 forward and its two matmuls in the backward, and sums the bias gradient with
 ``triton_kernels.partial_sum.column_sum`` (per-program partial rows, then their sum: deterministic).
+
+It does so while a CUDA graph is captured, where only GPU time counts. Outside one, the host
+pays for a Python autograd node and two launches per Linear: on the H100 machine's CPU that was
+57 µs forward and 159 µs backward (93 µs of it the column sum) against about 15 + 30 µs for
+F.linear, so a ViT-S training step at batch 32 spent 8 ms of its 36 ms of host time there
+(benchmarks/results/h100/host_step_602a418.json) to save ~0.1 ms of GPU time per block; plain
+F.linear runs instead (``COLUMN_SUM_OUTSIDE_CUDA_GRAPHS`` turns the kernel on everywhere).
 """
 from typing import Optional, Tuple
 
@@ -64,6 +71,19 @@ class _Linear(torch.autograd.Function):
         return linear_backward(dy, x, weight, ctx.bias_dtype if needs[2] else None, needs[0], needs[1])
 
 
+# Tests set this to run the column-sum kernel on CUDA outside graph captures too.
+COLUMN_SUM_OUTSIDE_CUDA_GRAPHS = False
+
+
+def host_cost_decline(x: Tensor) -> Optional[str]:
+    """Why the column-sum path costs more than it saves here: CUDA work outside a graph capture
+    (see the module docstring); None inside a capture and on the interpreter."""
+    if COLUMN_SUM_OUTSIDE_CUDA_GRAPHS or x.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return None
+    return ("no CUDA graph is being captured: the host time of a Python autograd node and two launches "
+            "exceeds the GPU time the column-sum kernel saves")
+
+
 def linear_decline(x: Tensor, weight: Tensor, bias: Optional[Tensor], autocast: bool = False) -> Optional[str]:
     """Why ``linear`` runs plain F.linear here (None: the bias gradient goes through the column-sum kernel).
     ``autocast``: x and weight are already in autocast's dtype, and the bias is cast like them."""
@@ -71,6 +91,9 @@ def linear_decline(x: Tensor, weight: Tensor, bias: Optional[Tensor], autocast: 
         return "no bias"
     if not (torch.is_grad_enabled() and bias.requires_grad):
         return "the bias needs no gradient"
+    host_cost = host_cost_decline(x)
+    if host_cost is not None:
+        return host_cost
     mismatch = next((f"{name} is {t.dtype}, input {x.dtype}" for name, t in (("weight", weight), ("bias", bias))
                      if t.dtype != x.dtype and not (autocast and name == "bias")), None)
     return C.first_decline(C.device_decline(x), C.dtype_decline(x), mismatch)
@@ -78,7 +101,9 @@ def linear_decline(x: Tensor, weight: Tensor, bias: Optional[Tensor], autocast: 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """Drop-in for F.linear, autocast included: the same forward and matmuls, the bias gradient summed by
-    the column-sum kernel (see the module docstring)."""
+    the column-sum kernel inside CUDA graph captures (see the module docstring)."""
+    if bias is None or host_cost_decline(x) is not None:
+        return F.linear(x, weight, bias)
     dtype = C.autocast_dtype_for(x.device.type, "lower")
     if dtype is not None:
         x, weight = x.to(dtype), weight.to(dtype)  # autocast's casts; the bias is cast in the forward
