@@ -432,7 +432,7 @@ class FlatGradients:
 
     def attach(self) -> None:
         """Point every parameter's .grad at its view again (code between steps may have dropped it, e.g.
-        the frozen last layer), so that the next backward accumulates into the buffers."""
+        the frozen last layer), so that the optimizer reads what the next step writes into the buffers."""
         for p, view in self._views:
             if p.grad is not view:
                 p.grad = view
@@ -469,8 +469,9 @@ class GraphedForwardBackward:
 
     Under torch.distributed no collective runs inside the graph: the teacher centre's all-reduce and
     EMA follow each replay, and for a DistributedDataParallel student the graph runs the wrapped
-    module (DDP's hooks stay idle), its gradients live in flat buffers (``FlatGradients``) averaged by
-    one all-reduce each after the replay, and clipping follows that average, as with DDP.
+    module on aliases of its parameters (DDP's hooks and gradient nodes stay idle), its gradients live in
+    flat buffers (``FlatGradients``) averaged by one all-reduce each after the replay, and clipping
+    follows that average, as with DDP.
     ``call_factory`` (default CapturedCall) builds the recorded call from the step function.
     """
 
@@ -521,7 +522,6 @@ class GraphedForwardBackward:
         step.optimizer.zero_grad(set_to_none=True)  # inside a capture: the graph allocates (and owns) the gradients
         return forward_backward(step.student, step.teacher, step.loss_fn, self._inputs, epoch,
                                 clip_grad=step.clip_grad, autocast_dtype=step.autocast_dtype)
-
 
     def _forward_backward_ddp(self, step: "DINOStep", epoch: int) -> torch.Tensor:
         """The wrapped module run on fresh aliases of its parameters (same storage, so optimizer updates

@@ -8,10 +8,10 @@ forward and its two matmuls in the backward, and sums the bias gradient with
 
 It does so while a CUDA graph is captured, where only GPU time counts. Outside one, the host
 pays for a Python autograd node and two launches per Linear: on the H100 machine's CPU that was
-57 µs forward and 159 µs backward (93 µs of it the column sum) against about 15 + 30 µs for
-F.linear, so a ViT-S training step at batch 32 spent 8 ms of its 36 ms of host time there
-(benchmarks/results/h100/host_step_602a418.json) to save ~0.1 ms of GPU time per block; plain
-F.linear runs instead (``COLUMN_SUM_OUTSIDE_CUDA_GRAPHS`` turns the kernel on everywhere).
+57 µs forward and 159 µs backward (93 µs of it the column sum), 8 ms of a ViT-S training step's
+36 ms of host time at batch 32 (benchmarks/results/h100/host_step_602a418.json), where the whole
+step's GPU time is a few ms. There F.linear, with its C++ autograd node, runs instead
+(``COLUMN_SUM_OUTSIDE_CUDA_GRAPHS`` turns the kernel on everywhere).
 """
 from typing import Optional, Tuple
 
