@@ -120,6 +120,29 @@ def test_short_ragged_end_either_way(device, N, block, split_tail, monkeypatch):
 
 
 @pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("cfg", range(2))
+def test_lazy_rescale_forward_matches_float64(device, cfg, monkeypatch):
+    """The experimental LAZY_RESCALE option: logits of std 9 (some key blocks raise a row's max by more
+    than 2^8 and rescale, others keep a stale max), fully masked rows (NaN, as softmax gives) and rows
+    masked up to their last key block; output and attention rows against float64, gradients too."""
+    from fastvision.triton_kernels import attention as kernels
+
+    monkeypatch.setattr(kernels, "forced_config", kernels.EXPERIMENTAL_FWD_CONFIGS[cfg])
+    bias = torch.zeros(1, 2, 197, 197)
+    bias[:, 0, 3] = float("-inf")                 # no key at all
+    bias[:, 1, 7, :150] = float("-inf")           # keys only in the last blocks
+    bias[:, 1, 9, 100:] = 30.0                    # a large jump in a later block
+    inputs = _qkv(1, 2, 197, 64, torch.float16, device, packed=True, std=3.0)
+    out, rows = _fused(inputs, 0.125, attn_bias=bias.to(device), return_attn_rows=12)
+    q, k, v = _as_heads(float64_copies(*inputs))
+    probs = ((q @ k.transpose(-2, -1)) * 0.125 + bias.double()).softmax(-1)
+    assert_close(out.transpose(1, 2), probs @ v, torch.float16, name="output")
+    assert_close(rows, probs[:, :, :12], torch.float16, name="rows")
+    bias[:, 0, 3] = 0.0  # gradients: every row with a key (the backward reads the forward's lse)
+    _check(inputs, torch.float16, bias=bias.to(device))
+
+
+@pytest.mark.parametrize("device", kernel_devices())
 @pytest.mark.parametrize("N", [37, 197])
 def test_bf16_large_logits_no_worse_than_eager(device, N):
     """std 3 inputs in bf16: output within 1e-2; every gradient within 1.25x eager bf16 autograd's error."""
@@ -313,7 +336,8 @@ def test_attention_compiles_fullgraph(device):
 def test_every_autotune_config_is_correct(kernel, monkeypatch):
     from fastvision.triton_kernels import attention as kernels
 
-    configs = {"fwd": kernels.FWD_CONFIGS, "dkdv": kernels.DKDV_CONFIGS, "dq": kernels.DQ_CONFIGS}[kernel]
+    configs = {"fwd": kernels.FWD_CONFIGS + kernels.EXPERIMENTAL_FWD_CONFIGS, "dkdv": kernels.DKDV_CONFIGS,
+               "dq": kernels.DQ_CONFIGS}[kernel]
     for cfg in configs:
         monkeypatch.setattr(kernels, "forced_config", cfg)
         for d, dtype in ((80, torch.float16), (64, torch.bfloat16)):

@@ -21,6 +21,7 @@ packed (B, N, 3, H, d) output of a qkv Linear is read in place. Head dims that a
 a power of two (80, 96) are padded to D_PAD inside the kernel with masked loads.
 """
 import math
+import os
 
 import torch
 import triton
@@ -36,6 +37,9 @@ TAIL_BLOCK = tl.constexpr(16)
 # Those 16-row tiles run on mma.sync, whose operands sit in registers: the other axis streams past them in
 # 32-wide blocks (sm_90, 64×64 blocks: 156 registers for the whole forward kernel instead of 178).
 TAIL_STREAM_BLOCK = tl.constexpr(32)
+# LAZY_RESCALE (an experimental launch option): the running max is renewed, and acc and l rescaled, only
+# when some row's max grows by more than this many powers of two.
+LAZY_THRESHOLD = tl.constexpr(8.0)
 
 
 @triton.jit
@@ -126,28 +130,53 @@ def _scores(q, k, bias_base, stride_bm, stride_bn, offs_m, offs_n, N, bias_mult,
 def _fwd_block(acc, l_i, m_i, q, k_base, v_base, bias_base, start_n, offs_m, offs_d,
                stride_kn, stride_vn, stride_bm, stride_bn, N, scale_log2, bias_mult,
                HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-               HAS_BIAS: tl.constexpr, MASK_KEYS: tl.constexpr, PRECISION: tl.constexpr):
+               HAS_BIAS: tl.constexpr, MASK_KEYS: tl.constexpr, PRECISION: tl.constexpr,
+               LAZY_RESCALE: tl.constexpr):
     """One key block of the online softmax: returns the updated (acc, l, m)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k = _load_rows(k_base, offs_n, offs_d, stride_kn, N, HEAD_DIM, D_PAD, MASK_KEYS)
     s = _scores(q, k, bias_base, stride_bm, stride_bn, offs_m, offs_n, N, bias_mult, HAS_BIAS, MASK_KEYS,
                 PRECISION)
     m_new = tl.maximum(m_i, tl.max(s, axis=1) * scale_log2)
-    # A row masked out so far keeps acc = l = 0 instead of exp2(-inf + inf) = NaN.
-    m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-    p = tl.exp2(s * scale_log2 - m_safe[:, None])
-    alpha = tl.exp2(m_i - m_safe)
-    v = _load_rows(v_base, offs_n, offs_d, stride_vn, N, HEAD_DIM, D_PAD, MASK_KEYS)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
-    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if LAZY_RESCALE:
+        acc, l_i, m_new = _fwd_block_lazy(acc, l_i, m_i, m_new, s, v_base, offs_n, offs_d, stride_vn, N,
+                                          scale_log2, HEAD_DIM, D_PAD, MASK_KEYS, PRECISION)
+    else:
+        # A row masked out so far keeps acc = l = 0 instead of exp2(-inf + inf) = NaN.
+        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+        p = tl.exp2(s * scale_log2 - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        v = _load_rows(v_base, offs_n, offs_d, stride_vn, N, HEAD_DIM, D_PAD, MASK_KEYS)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
     return acc, l_i, m_new
+
+
+@triton.jit
+def _fwd_block_lazy(acc, l_i, m_i, m_new, s, v_base, offs_n, offs_d, stride_vn, N, scale_log2,
+                    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, MASK_KEYS: tl.constexpr, PRECISION: tl.constexpr):
+    """_fwd_block's update with the running max kept until some row's max grows by more than
+    LAZY_THRESHOLD (base 2): acc and l are rescaled only then, once for the whole tile, instead of
+    every block. In between exp2 sees a stale max, so p ≤ 2^LAZY_THRESHOLD; acc, l and the final
+    lse all use that same max, so the result is exact."""
+    # A row with every key masked so far (m = -inf on both sides) does not grow.
+    growth = tl.where(m_new > m_i, m_new - m_i, 0.0)
+    if tl.max(growth, axis=0) > LAZY_THRESHOLD:
+        alpha = tl.exp2(m_i - tl.where(m_new == -float("inf"), 0.0, m_new))
+        acc = acc * alpha[:, None]
+        l_i = l_i * alpha
+        m_i = m_new
+    p = tl.exp2(s * scale_log2 - tl.where(m_i == -float("inf"), 0.0, m_i)[:, None])
+    v = _load_rows(v_base, offs_n, offs_d, stride_vn, N, HEAD_DIM, D_PAD, MASK_KEYS)
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+    return acc, l_i + tl.sum(p, axis=1), m_i
 
 
 @triton.jit
 def _fwd_tile(q_base, k_base, v_base, bias_base, o_base, lse_base, rows_base, start_m, offs_d,
               stride_qn, stride_kn, stride_vn, stride_bm, stride_bn, stride_on, stride_rm, N, scale_log2, bias_mult,
               HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              HAS_BIAS: tl.constexpr, N_ROWS: tl.constexpr, PRECISION: tl.constexpr):
+              HAS_BIAS: tl.constexpr, N_ROWS: tl.constexpr, PRECISION: tl.constexpr, LAZY_RESCALE: tl.constexpr):
     """Output, lse (and attention rows below N_ROWS) of the BLOCK_M query rows from start_m."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     q = _load_rows(q_base, offs_m, offs_d, stride_qn, N, HEAD_DIM, D_PAD, True)
@@ -160,16 +189,16 @@ def _fwd_tile(q_base, k_base, v_base, bias_base, o_base, lse_base, rows_base, st
     for start_n in range(0, full_end, BLOCK_N):
         acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_base, v_base, bias_base, start_n, offs_m, offs_d,
                                    stride_kn, stride_vn, stride_bm, stride_bn, N, scale_log2, bias_mult,
-                                   HEAD_DIM, D_PAD, BLOCK_N, HAS_BIAS, False, PRECISION)
+                                   HEAD_DIM, D_PAD, BLOCK_N, HAS_BIAS, False, PRECISION, LAZY_RESCALE)
     if N - full_end > BLOCK_N // 2:
         acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_base, v_base, bias_base, full_end, offs_m, offs_d,
                                    stride_kn, stride_vn, stride_bm, stride_bn, N, scale_log2, bias_mult,
-                                   HEAD_DIM, D_PAD, BLOCK_N, HAS_BIAS, True, PRECISION)
+                                   HEAD_DIM, D_PAD, BLOCK_N, HAS_BIAS, True, PRECISION, LAZY_RESCALE)
     else:
         for start_n in range(full_end, N, TAIL_BLOCK):
             acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_base, v_base, bias_base, start_n, offs_m, offs_d,
                                        stride_kn, stride_vn, stride_bm, stride_bn, N, scale_log2, bias_mult,
-                                       HEAD_DIM, D_PAD, TAIL_BLOCK, HAS_BIAS, True, PRECISION)
+                                       HEAD_DIM, D_PAD, TAIL_BLOCK, HAS_BIAS, True, PRECISION, LAZY_RESCALE)
 
     # A fully masked row gives 0/0 = NaN and lse = -inf, as softmax over all -inf does.
     lse2 = tl.where(m_i == -float("inf"), 0.0, m_i) + tl.log2(l_i)
@@ -197,7 +226,7 @@ def attention_fwd_kernel(
     stride_lb, stride_lh, H, N, scale_log2, bias_mult,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT_TAIL: tl.constexpr, HAS_BIAS: tl.constexpr, N_ROWS: tl.constexpr, PRECISION: tl.constexpr,
-    VARLEN: tl.constexpr,
+    VARLEN: tl.constexpr, LAZY_RESCALE: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -216,11 +245,12 @@ def attention_fwd_kernel(
                 _fwd_tile(q_base, k_base, v_base, bias_base, o_base, lse_base, rows_base, tail_m, offs_d,
                           stride_qn, stride_kn, stride_vn, stride_bm, stride_bn, stride_on, stride_rm, N,
                           scale_log2, bias_mult, HEAD_DIM, D_PAD, TAIL_BLOCK, TAIL_STREAM_BLOCK, HAS_BIAS, N_ROWS,
-                          PRECISION)
+                          PRECISION, LAZY_RESCALE)
         else:
             _fwd_tile(q_base, k_base, v_base, bias_base, o_base, lse_base, rows_base, start_m, offs_d,
                       stride_qn, stride_kn, stride_vn, stride_bm, stride_bn, stride_on, stride_rm, N,
-                      scale_log2, bias_mult, HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N, HAS_BIAS, N_ROWS, PRECISION)
+                      scale_log2, bias_mult, HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N, HAS_BIAS, N_ROWS, PRECISION,
+                      LAZY_RESCALE)
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -454,6 +484,14 @@ DQ_CONFIGS = [
     _config(32, 64, 4, 2),
     _config(64, 64, 4, 2, True), _config(32, 64, 4, 2, True),
 ]
+# Not offered to the tuner unless FASTVISION_EXPERIMENTAL_LAUNCHES=1: compiled for sm_80 / sm_90 and
+# checked on the interpreter here, not yet run or timed on a GPU. LAZY_RESCALE (_fwd_block_lazy) drops the
+# per-block rescale of acc, one multiply per output element and key block, from the forward's inner loop,
+# which at head dim 64 is bound by that elementwise work rather than by the matmuls.
+EXPERIMENTAL_FWD_CONFIGS = [
+    triton.Config({**c.kwargs, "LAZY_RESCALE": True}, num_warps=c.num_warps, num_stages=c.num_stages)
+    for c in (_config(64, 64, 4, 3), _config(128, 32, 4, 3), _config(64, 64, 4, 2), _config(128, 64, 4, 3))
+]
 SMALLEST_CONFIG = _config(16, 32, 4, 1)
 DELTA_BLOCK_M = 64
 # Under sm_80's 163 KB (sm_90 has 227 KB), with room for the compiler's own scratch.
@@ -506,14 +544,23 @@ def heuristic_config(kernel, n: int, head_dim: int, d_pad: int, element_bytes: i
     return candidates[0]
 
 
-CONFIGS = {attention_fwd_kernel: FWD_CONFIGS, attention_bwd_dkdv_kernel: DKDV_CONFIGS,
-           attention_bwd_dq_kernel: DQ_CONFIGS}
+EXPERIMENTAL_LAUNCHES = os.environ.get("FASTVISION_EXPERIMENTAL_LAUNCHES") == "1"
+CONFIGS = {attention_fwd_kernel: FWD_CONFIGS + (EXPERIMENTAL_FWD_CONFIGS if EXPERIMENTAL_LAUNCHES else []),
+           attention_bwd_dkdv_kernel: DKDV_CONFIGS, attention_bwd_dq_kernel: DQ_CONFIGS}
 # The block the grid tiles N by: query rows forward and for dq, key rows for dk/dv.
 GRID_AXIS = {attention_fwd_kernel: "BLOCK_M", attention_bwd_dkdv_kernel: "BLOCK_N",
              attention_bwd_dq_kernel: "BLOCK_M"}
 # Tests set this to a triton.Config to run every kernel with that one configuration.
 forced_config = None
 _HEURISTIC = {}  # (kernel name, n, head dim, padded head dim, element bytes) -> heuristic_config
+
+
+def _forced_for(kernel):
+    """forced_config, without the forward-only LAZY_RESCALE option for the backward kernels."""
+    if kernel is attention_fwd_kernel or "LAZY_RESCALE" not in forced_config.kwargs:
+        return forced_config
+    kwargs = {k: v for k, v in forced_config.kwargs.items() if k != "LAZY_RESCALE"}
+    return triton.Config(kwargs, num_warps=forced_config.num_warps, num_stages=forced_config.num_stages)
 
 
 def _launch(kernel, tensor, n, programs_per_row, *args, **meta):
@@ -524,13 +571,13 @@ def _launch(kernel, tensor, n, programs_per_row, *args, **meta):
         grid = (cdiv(n, cfg.kwargs[grid_axis]), programs_per_row)
         kernel[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
-    if tensor.device.type != "cuda":
+    if tensor.device.type != "cuda" and forced_config is None:
         blocks = INTERPRETER_BLOCKS if n <= 1024 else INTERPRETER_LONG_BLOCKS
         kernel[(cdiv(n, blocks[grid_axis]), programs_per_row)](*args, **meta, **blocks)
         return
     d_pad, element_bytes = meta["D_PAD"], tensor.element_size()
     if forced_config is not None:
-        cfg = forced_config
+        cfg = _forced_for(kernel)
     elif tuning_enabled():
         key = (kernel.__name__, tuning_class(n), meta["HEAD_DIM"], tensor.dtype, meta["HAS_BIAS"],
                meta["PRECISION"], meta["VARLEN"], tensor.device.index)  # packed short crops tune apart
@@ -693,6 +740,8 @@ def aot_specializations():
                     heuristic = heuristic_config(kernel, 4096, d, d_pad, element_bytes)
                     if main_case:  # and the split-tail ones, which N = 785 and 197 leave short ends for
                         chosen = {id(c): c for n in (4096, 785, 197) for c in candidate_configs(kernel, n, d_pad, 2)}
+                        if kernel is attention_fwd_kernel and not (has_bias or varlen):
+                            chosen.update((id(c), c) for c in EXPERIMENTAL_FWD_CONFIGS)
                         chosen = chosen.values()
                     else:
                         chosen = {id(c): c for c in (candidates[0], heuristic)}.values()
