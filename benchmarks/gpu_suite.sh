@@ -16,8 +16,8 @@
 #   PROBE_ARGS        arguments of benchmarks.kernel_probe in the ncu step (default: every workload), e.g.
 #                     "--ops add_layer_norm"; NCU: the ncu binary (default: found on PATH or under /usr/local/cuda)
 #   NEW_TESTS         test files of the new-tests step: code not yet run on a GPU that the benchmarks after it
-#                     rely on (default: the DDP graph step's parameter aliases, ops.linear outside graph
-#                     captures, the attention launch choice's lookup, LayerNorm at width 1, then the files the
+#                     rely on (default: the DDP graph step's parameter aliases, ops.linear on the default
+#                     CUDA stream, the attention launch choice's lookup, LayerNorm at width 1, then the files the
 #                     last run's time limit cut short; see results/h100/NOTES.md)
 #   NEW_TESTS_SECONDS time limit of the new-tests step (default 200)
 #   GPU_TEST_SECONDS  time limit of the GPU test run (default 150)

@@ -17,8 +17,8 @@ linear_op = importlib.import_module("fastvision.ops.linear")
 
 @pytest.fixture(autouse=True)
 def column_sum_everywhere(monkeypatch):
-    """The kernel path on CUDA outside graph captures too, so these tests check it on a GPU."""
-    monkeypatch.setattr(linear_op, "COLUMN_SUM_OUTSIDE_CUDA_GRAPHS", True)
+    """The kernel path on the default CUDA stream too, so these tests check it on a GPU."""
+    monkeypatch.setattr(linear_op, "COLUMN_SUM_ON_DEFAULT_STREAM", True)
 
 
 @pytest.mark.parametrize("device", kernel_devices())
@@ -85,23 +85,30 @@ def test_patched_linear_keeps_forward_hooks():
     assert torch.equal(linear(layer, x), layer(x)) and len(seen) == 2
 
 
-def test_on_cuda_the_kernel_runs_only_inside_graph_captures(monkeypatch):
-    """Outside a capture the host cost of the Python node outweighs the kernel: F.linear, with the reason."""
-    monkeypatch.setattr(linear_op, "COLUMN_SUM_OUTSIDE_CUDA_GRAPHS", False)
-    cuda_input = SimpleNamespace(device=torch.device("cuda"))
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    assert "no CUDA graph is being captured" in linear_op.host_cost_decline(cuda_input)
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+def test_on_cuda_the_kernel_runs_only_off_the_default_stream(monkeypatch):
+    """On the default stream the host cost of the Python node outweighs the kernel: F.linear, with the reason.
+    A CUDA graph's capture and warm-up run on another stream, and take the kernel both times."""
+    monkeypatch.setattr(linear_op, "COLUMN_SUM_ON_DEFAULT_STREAM", False)
+    cuda_input = SimpleNamespace(device=torch.device("cuda", 0))
+    monkeypatch.setattr(linear_op, "_current_raw_stream", lambda index: 0)
+    assert "on the default CUDA stream" in linear_op.host_cost_decline(cuda_input)
+    monkeypatch.setattr(linear_op, "_current_raw_stream", lambda index: 0x7F00)
     assert linear_op.host_cost_decline(cuda_input) is None
     assert linear_op.host_cost_decline(torch.randn(2)) is None  # the interpreter's CPU tensors: the kernel
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_outside_a_capture_on_cuda_is_f_linear(monkeypatch):
-    monkeypatch.setattr(linear_op, "COLUMN_SUM_OUTSIDE_CUDA_GRAPHS", False)
+def test_default_stream_is_f_linear_side_stream_the_kernel(monkeypatch):
+    monkeypatch.setattr(linear_op, "COLUMN_SUM_ON_DEFAULT_STREAM", False)
     x = torch.randn(3, 37, 64, device="cuda", requires_grad=True)
     layer = nn.Linear(64, 96).cuda()
     y = fastvision.ops.linear(x, layer.weight, layer.bias)
     assert type(y.grad_fn).__name__ != "_LinearBackward"  # F.linear's own C++ autograd node
     assert torch.equal(y, layer(x))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        y_side = fastvision.ops.linear(x, layer.weight, layer.bias)
+    torch.cuda.current_stream().wait_stream(side)
+    assert type(y_side.grad_fn).__name__ == "_LinearBackward" and torch.equal(y_side, y)

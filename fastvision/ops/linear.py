@@ -6,12 +6,14 @@ On a ViT's tall (tokens, features) gradients that ran at about a quarter of the 
 forward and its two matmuls in the backward, and sums the bias gradient with
 ``triton_kernels.partial_sum.column_sum`` (per-program partial rows, then their sum: deterministic).
 
-It does so while a CUDA graph is captured, where only GPU time counts. Outside one, the host
+It does so for CUDA graphs, where only GPU time counts: on any stream but the default one, which is
+where a graph is captured and where its warm-up runs (torch.cuda.graph's recipe, CapturedCall,
+DINOStep), so that the warm-up compiles what the capture launches. On the default stream the host
 pays for a Python autograd node and two launches per Linear: on the H100 machine's CPU that was
 57 µs forward and 159 µs backward (93 µs of it the column sum), 8 ms of a ViT-S training step's
 36 ms of host time at batch 32 (benchmarks/results/h100/host_step_602a418.json), where the whole
 step's GPU time is a few ms. There F.linear, with its C++ autograd node, runs instead
-(``COLUMN_SUM_OUTSIDE_CUDA_GRAPHS`` turns the kernel on everywhere).
+(``COLUMN_SUM_ON_DEFAULT_STREAM`` turns the kernel on everywhere).
 """
 from typing import Optional, Tuple
 
@@ -20,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _common as C
-from ._dispatch import call, define
+from ._dispatch import call, define, is_compiling
 
 
 def _column_sum_impl(x: Tensor) -> Tensor:
@@ -71,17 +73,25 @@ class _Linear(torch.autograd.Function):
         return linear_backward(dy, x, weight, ctx.bias_dtype if needs[2] else None, needs[0], needs[1])
 
 
-# Tests set this to run the column-sum kernel on CUDA outside graph captures too.
-COLUMN_SUM_OUTSIDE_CUDA_GRAPHS = False
+# Tests set this to run the column-sum kernel on the default CUDA stream too.
+COLUMN_SUM_ON_DEFAULT_STREAM = False
+_current_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
+def _on_default_stream(x: Tensor) -> bool:
+    if _current_raw_stream is None:  # the capture itself is all that can be told apart then
+        return not torch.cuda.is_current_stream_capturing()
+    return _current_raw_stream(x.device.index) == 0
 
 
 def host_cost_decline(x: Tensor) -> Optional[str]:
-    """Why the column-sum path costs more than it saves here: CUDA work outside a graph capture
-    (see the module docstring); None inside a capture and on the interpreter."""
-    if COLUMN_SUM_OUTSIDE_CUDA_GRAPHS or x.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+    """Why the column-sum path costs more than it saves here: CUDA work on the default stream, so not
+    a CUDA graph's capture or warm-up (see the module docstring); None otherwise and on the interpreter."""
+    # Compiled graphs (fastvision.set_compile_ops("linear")) keep the kernel: their host cost is not this one's.
+    if COLUMN_SUM_ON_DEFAULT_STREAM or x.device.type != "cuda" or is_compiling() or not _on_default_stream(x):
         return None
-    return ("no CUDA graph is being captured: the host time of a Python autograd node and two launches "
-            "exceeds the GPU time the column-sum kernel saves")
+    return ("on the default CUDA stream (no graph captured or warmed up): the host time of a Python autograd "
+            "node and two launches exceeds the GPU time the column-sum kernel saves")
 
 
 def linear_decline(x: Tensor, weight: Tensor, bias: Optional[Tensor], autocast: bool = False) -> Optional[str]:
@@ -101,7 +111,7 @@ def linear_decline(x: Tensor, weight: Tensor, bias: Optional[Tensor], autocast: 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """Drop-in for F.linear, autocast included: the same forward and matmuls, the bias gradient summed by
-    the column-sum kernel inside CUDA graph captures (see the module docstring)."""
+    the column-sum kernel off the default CUDA stream, as in CUDA graphs (see the module docstring)."""
     if bias is None or host_cost_decline(x) is not None:
         return F.linear(x, weight, bias)
     dtype = C.autocast_dtype_for(x.device.type, "lower")
