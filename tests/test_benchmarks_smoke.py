@@ -263,6 +263,22 @@ def test_host_python_measures_every_op_with_launches_stubbed():
     assert all(r[k] > 0 for r in rows for k in ("fwd", "eager fwd", "fwd+bwd", "eager fwd+bwd"))
 
 
+def test_host_step_smoke_times_every_fused_op_of_a_patched_vit(tmp_path):
+    """A tiny patched ViT on the CPU, launches stubbed: both models timed, and the breakdown names the fused
+    ops of a training step with their calls per step (the Triton launches are stubbed, so not among them)."""
+    import json
+
+    from benchmarks import host_step
+
+    result = host_step.main(["--smoke", "--top", "5", "--out", str(tmp_path / "host_step.json")])
+    assert result["eager ms per step"] > 0 and result["patched ms per step"] > 0
+    per_step = {row["what"]: row["calls per step"] for row in result["breakdown"]}
+    assert per_step["attention_qkvpacked forward"] == per_step["attention_qkvpacked backward"] == 12
+    assert per_step["add_layer_norm forward"] > 0 and per_step["bias_gelu backward"] == 12
+    assert "cumtime" in result["main thread profile"]
+    assert json.loads((tmp_path / "host_step.json").read_text())["breakdown"]
+
+
 def test_resnet_bench_smoke(tmp_path):
     from benchmarks import resnet_bench
 
