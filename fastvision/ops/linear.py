@@ -97,13 +97,19 @@ def host_cost_decline(x: Tensor) -> Optional[str]:
 def linear_decline(x: Tensor, weight: Tensor, bias: Optional[Tensor], autocast: bool = False) -> Optional[str]:
     """Why ``linear`` runs plain F.linear here (None: the bias gradient goes through the column-sum kernel).
     ``autocast``: x and weight are already in autocast's dtype, and the bias is cast like them."""
+    return _bias_decline(bias) or host_cost_decline(x) or _kernel_decline(x, weight, bias, autocast)
+
+
+def _bias_decline(bias: Optional[Tensor]) -> Optional[str]:
     if bias is None:
         return "no bias"
     if not (torch.is_grad_enabled() and bias.requires_grad):
         return "the bias needs no gradient"
-    host_cost = host_cost_decline(x)
-    if host_cost is not None:
-        return host_cost
+    return None
+
+
+def _kernel_decline(x: Tensor, weight: Tensor, bias: Tensor, autocast: bool) -> Optional[str]:
+    """linear_decline's checks of the inputs themselves: dtypes and device."""
     mismatch = next((f"{name} is {t.dtype}, input {x.dtype}" for name, t in (("weight", weight), ("bias", bias))
                      if t.dtype != x.dtype and not (autocast and name == "bias")), None)
     return C.first_decline(C.device_decline(x), C.dtype_decline(x), mismatch)
@@ -112,11 +118,12 @@ def linear_decline(x: Tensor, weight: Tensor, bias: Optional[Tensor], autocast: 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """Drop-in for F.linear, autocast included: the same forward and matmuls, the bias gradient summed by
     the column-sum kernel off the default CUDA stream, as in CUDA graphs (see the module docstring)."""
-    if bias is None or host_cost_decline(x) is not None:
+    # linear_decline's checks; those that need no cast first, so that declining there costs none
+    if _bias_decline(bias) is not None or host_cost_decline(x) is not None:
         return F.linear(x, weight, bias)
     dtype = C.autocast_dtype_for(x.device.type, "lower")
     if dtype is not None:
         x, weight = x.to(dtype), weight.to(dtype)  # autocast's casts; the bias is cast in the forward
-    if linear_decline(x, weight, bias, autocast=dtype is not None) is not None:
+    if _kernel_decline(x, weight, bias, autocast=dtype is not None) is not None:
         return F.linear(x, weight, bias)
     return _Linear.apply(x, weight, bias)
