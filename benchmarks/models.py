@@ -37,7 +37,8 @@ TASKS = ("infer", "train")
 
 def create_model(name: str, smoke: bool, device: torch.device) -> torch.nn.Module:
     import timm
-    kwargs = dict(img_size=32, depth=1) if smoke else {}
+    # num_classes: timm's vit_small_patch8_224 (a DINO backbone) defaults to no head, 0 classes
+    kwargs = dict(num_classes=1000, **(dict(img_size=32, depth=1) if smoke else {}))
     torch.manual_seed(0)  # every variant starts from the same weights
     model = timm.create_model(name, pretrained=False, **kwargs).to(device)
     if is_cnn(name):
