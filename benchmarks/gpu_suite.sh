@@ -55,7 +55,8 @@ MODELS_SECONDS="${MODELS_SECONDS:-170}"
 MODELS_VARIANTS="${MODELS_VARIANTS:-eager,patch,eager+graph,patch+graph,compile,patch+compile}"
 DINO_ARGS="${DINO_ARGS:---batch 64 --variants eager,fastvision+packing+graph,compile,compile+graph,fastvision+packing+graph+recompute,fastvision+graph,fastvision+packing}"
 DINO_S8_ARGS="${DINO_S8_ARGS:---arch vit_small_patch8_224 --batch 64 --variants eager,fastvision+packing+graph,compile,fastvision+packing+graph+recompute,fastvision+graph}"
-export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+# FASTVISION_REPORT_FAILURES: tests/conftest.py prints each failure when it happens (time limits cut the summary)
+export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 FASTVISION_REPORT_FAILURES=1
 export FASTVISION_COMMIT="${FASTVISION_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
 
 SUMMARY=()

@@ -5,6 +5,7 @@ fastvision module is imported. On a GPU machine run with TRITON_INTERPRET=0 (or
 unset) to test the compiled kernels: `pytest -m gpu`.
 """
 import os
+import sys
 import zlib
 
 import pytest
@@ -106,3 +107,10 @@ def _seed_per_test(request):
     """Fresh random inputs per test, reproducible from the test id."""
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
     yield
+
+
+def pytest_runtest_logreport(report):
+    """With FASTVISION_REPORT_FAILURES=1 (the GPU suite sets it) each failure's traceback is printed as it
+    happens: a run stopped by its time limit never reaches pytest's summary of failures."""
+    if report.failed and os.environ.get("FASTVISION_REPORT_FAILURES") == "1":
+        sys.stderr.write(f"\n== FAILED {report.nodeid} ({report.when})\n{report.longreprtext[-4000:]}\n")

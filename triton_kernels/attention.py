@@ -7,6 +7,7 @@ Scores are kept in base 2 (scale · log2 e) so the exponentials are exp2. Every 
 blocks unmasked, then the ragged end masked: one more full block when it fills more than half of
 one, else TAIL_BLOCK-wide blocks. The grid's blocks may do the same (SPLIT_TAIL, a tuned option): the
 program holding a short ragged end of the queries (of the keys for dk/dv) runs it in TAIL_BLOCK-row tiles.
+An experimental forward option (_tail_launch_config) moves that ragged end into a second launch instead.
 With N_ROWS > 0 the tile holding the first N_ROWS query rows also writes their softmax(s)
 (DINO's CLS attention maps) in a second sweep that reuses the final lse.
 
@@ -37,9 +38,6 @@ TAIL_BLOCK = tl.constexpr(16)
 # Those 16-row tiles run on mma.sync, whose operands sit in registers: the other axis streams past them in
 # 32-wide blocks (sm_90, 64×64 blocks: 156 registers for the whole forward kernel instead of 178).
 TAIL_STREAM_BLOCK = tl.constexpr(32)
-# LAZY_RESCALE (an experimental launch option): the running max is renewed, and acc and l rescaled, only
-# when some row's max grows by more than this many powers of two.
-LAZY_THRESHOLD = tl.constexpr(8.0)
 
 
 @triton.jit
@@ -130,53 +128,28 @@ def _scores(q, k, bias_base, stride_bm, stride_bn, offs_m, offs_n, N, bias_mult,
 def _fwd_block(acc, l_i, m_i, q, k_base, v_base, bias_base, start_n, offs_m, offs_d,
                stride_kn, stride_vn, stride_bm, stride_bn, N, scale_log2, bias_mult,
                HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-               HAS_BIAS: tl.constexpr, MASK_KEYS: tl.constexpr, PRECISION: tl.constexpr,
-               LAZY_RESCALE: tl.constexpr):
+               HAS_BIAS: tl.constexpr, MASK_KEYS: tl.constexpr, PRECISION: tl.constexpr):
     """One key block of the online softmax: returns the updated (acc, l, m)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k = _load_rows(k_base, offs_n, offs_d, stride_kn, N, HEAD_DIM, D_PAD, MASK_KEYS)
     s = _scores(q, k, bias_base, stride_bm, stride_bn, offs_m, offs_n, N, bias_mult, HAS_BIAS, MASK_KEYS,
                 PRECISION)
     m_new = tl.maximum(m_i, tl.max(s, axis=1) * scale_log2)
-    if LAZY_RESCALE:
-        acc, l_i, m_new = _fwd_block_lazy(acc, l_i, m_i, m_new, s, v_base, offs_n, offs_d, stride_vn, N,
-                                          scale_log2, HEAD_DIM, D_PAD, MASK_KEYS, PRECISION)
-    else:
-        # A row masked out so far keeps acc = l = 0 instead of exp2(-inf + inf) = NaN.
-        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-        p = tl.exp2(s * scale_log2 - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        v = _load_rows(v_base, offs_n, offs_d, stride_vn, N, HEAD_DIM, D_PAD, MASK_KEYS)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-    return acc, l_i, m_new
-
-
-@triton.jit
-def _fwd_block_lazy(acc, l_i, m_i, m_new, s, v_base, offs_n, offs_d, stride_vn, N, scale_log2,
-                    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, MASK_KEYS: tl.constexpr, PRECISION: tl.constexpr):
-    """_fwd_block's update with the running max kept until some row's max grows by more than
-    LAZY_THRESHOLD (base 2): acc and l are rescaled only then, once for the whole tile, instead of
-    every block. In between exp2 sees a stale max, so p ≤ 2^LAZY_THRESHOLD; acc, l and the final
-    lse all use that same max, so the result is exact."""
-    # A row with every key masked so far (m = -inf on both sides) does not grow.
-    growth = tl.where(m_new > m_i, m_new - m_i, 0.0)
-    if tl.max(growth, axis=0) > LAZY_THRESHOLD:
-        alpha = tl.exp2(m_i - tl.where(m_new == -float("inf"), 0.0, m_new))
-        acc = acc * alpha[:, None]
-        l_i = l_i * alpha
-        m_i = m_new
-    p = tl.exp2(s * scale_log2 - tl.where(m_i == -float("inf"), 0.0, m_i)[:, None])
+    # A row masked out so far keeps acc = l = 0 instead of exp2(-inf + inf) = NaN.
+    m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+    p = tl.exp2(s * scale_log2 - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
     v = _load_rows(v_base, offs_n, offs_d, stride_vn, N, HEAD_DIM, D_PAD, MASK_KEYS)
-    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
-    return acc, l_i + tl.sum(p, axis=1), m_i
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    return acc, l_i, m_new
 
 
 @triton.jit
 def _fwd_tile(q_base, k_base, v_base, bias_base, o_base, lse_base, rows_base, start_m, offs_d,
               stride_qn, stride_kn, stride_vn, stride_bm, stride_bn, stride_on, stride_rm, N, scale_log2, bias_mult,
               HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              HAS_BIAS: tl.constexpr, N_ROWS: tl.constexpr, PRECISION: tl.constexpr, LAZY_RESCALE: tl.constexpr):
+              HAS_BIAS: tl.constexpr, N_ROWS: tl.constexpr, PRECISION: tl.constexpr):
     """Output, lse (and attention rows below N_ROWS) of the BLOCK_M query rows from start_m."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     q = _load_rows(q_base, offs_m, offs_d, stride_qn, N, HEAD_DIM, D_PAD, True)
@@ -189,16 +162,16 @@ def _fwd_tile(q_base, k_base, v_base, bias_base, o_base, lse_base, rows_base, st
     for start_n in range(0, full_end, BLOCK_N):
         acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_base, v_base, bias_base, start_n, offs_m, offs_d,
                                    stride_kn, stride_vn, stride_bm, stride_bn, N, scale_log2, bias_mult,
-                                   HEAD_DIM, D_PAD, BLOCK_N, HAS_BIAS, False, PRECISION, LAZY_RESCALE)
+                                   HEAD_DIM, D_PAD, BLOCK_N, HAS_BIAS, False, PRECISION)
     if N - full_end > BLOCK_N // 2:
         acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_base, v_base, bias_base, full_end, offs_m, offs_d,
                                    stride_kn, stride_vn, stride_bm, stride_bn, N, scale_log2, bias_mult,
-                                   HEAD_DIM, D_PAD, BLOCK_N, HAS_BIAS, True, PRECISION, LAZY_RESCALE)
+                                   HEAD_DIM, D_PAD, BLOCK_N, HAS_BIAS, True, PRECISION)
     else:
         for start_n in range(full_end, N, TAIL_BLOCK):
             acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_base, v_base, bias_base, start_n, offs_m, offs_d,
                                        stride_kn, stride_vn, stride_bm, stride_bn, N, scale_log2, bias_mult,
-                                       HEAD_DIM, D_PAD, TAIL_BLOCK, HAS_BIAS, True, PRECISION, LAZY_RESCALE)
+                                       HEAD_DIM, D_PAD, TAIL_BLOCK, HAS_BIAS, True, PRECISION)
 
     # A fully masked row gives 0/0 = NaN and lse = -inf, as softmax over all -inf does.
     lse2 = tl.where(m_i == -float("inf"), 0.0, m_i) + tl.log2(l_i)
@@ -218,6 +191,20 @@ def _fwd_tile(q_base, k_base, v_base, bias_base, o_base, lse_base, rows_base, st
                 tl.store(r_ptrs, p.to(rows_base.dtype.element_ty), mask=r_mask)
 
 
+@triton.jit
+def _launch_rows(pid_m, N, BLOCK_M: tl.constexpr, FULL_BLOCKS_ONLY: tl.constexpr, TAIL_AFTER: tl.constexpr):
+    """(first query row of this program, end of this launch's rows). A launch covers every row, or with
+    FULL_BLOCKS_ONLY the whole BLOCK_M blocks only, or with TAIL_AFTER > 0 the rows past the last whole
+    TAIL_AFTER block: the ragged end that a second launch runs in smaller tiles (_tail_launch_config)."""
+    end_m = N
+    if FULL_BLOCKS_ONLY:
+        end_m = (N // BLOCK_M) * BLOCK_M
+    first = 0
+    if TAIL_AFTER > 0:
+        first = (N // TAIL_AFTER) * TAIL_AFTER
+    return first + pid_m * BLOCK_M, end_m
+
+
 @triton.jit(do_not_specialize=["N"])
 def attention_fwd_kernel(
     Q, K, V, Bias, O, LSE, Rows, CuSeqlens,
@@ -226,14 +213,14 @@ def attention_fwd_kernel(
     stride_lb, stride_lh, H, N, scale_log2, bias_mult,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT_TAIL: tl.constexpr, HAS_BIAS: tl.constexpr, N_ROWS: tl.constexpr, PRECISION: tl.constexpr,
-    VARLEN: tl.constexpr, LAZY_RESCALE: tl.constexpr = False,
+    VARLEN: tl.constexpr, FULL_BLOCKS_ONLY: tl.constexpr = False, TAIL_AFTER: tl.constexpr = 0,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b, h, start, N = _sequence(pid_bh, H, N, CuSeqlens, VARLEN)
-    start_m = pid_m * BLOCK_M
+    start_m, end_m = _launch_rows(pid_m, N, BLOCK_M, FULL_BLOCKS_ONLY, TAIL_AFTER)
     # A query block past the end of a short packed sequence has nothing to do.
-    if start_m < N:
+    if start_m < end_m:
         q_base, k_base, v_base, bias_base, lse_base = _head_bases(
             Q, K, V, Bias, LSE, b, h, start, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
             stride_vb, stride_vh, stride_vn, stride_bb, stride_bh, stride_lb, stride_lh)
@@ -245,12 +232,11 @@ def attention_fwd_kernel(
                 _fwd_tile(q_base, k_base, v_base, bias_base, o_base, lse_base, rows_base, tail_m, offs_d,
                           stride_qn, stride_kn, stride_vn, stride_bm, stride_bn, stride_on, stride_rm, N,
                           scale_log2, bias_mult, HEAD_DIM, D_PAD, TAIL_BLOCK, TAIL_STREAM_BLOCK, HAS_BIAS, N_ROWS,
-                          PRECISION, LAZY_RESCALE)
+                          PRECISION)
         else:
             _fwd_tile(q_base, k_base, v_base, bias_base, o_base, lse_base, rows_base, start_m, offs_d,
                       stride_qn, stride_kn, stride_vn, stride_bm, stride_bn, stride_on, stride_rm, N,
-                      scale_log2, bias_mult, HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N, HAS_BIAS, N_ROWS, PRECISION,
-                      LAZY_RESCALE)
+                      scale_log2, bias_mult, HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N, HAS_BIAS, N_ROWS, PRECISION)
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -484,13 +470,25 @@ DQ_CONFIGS = [
     _config(32, 64, 4, 2),
     _config(64, 64, 4, 2, True), _config(32, 64, 4, 2, True),
 ]
+
+
+def _tail_launch_config(block_m, block_n, warps, stages, tail_m, tail_n, tail_warps):
+    """The forward in two launches (_two_launches): the whole BLOCK_M query blocks, with no ragged-end
+    code in that kernel, then each sequence's last N mod BLOCK_M rows in TAIL_M-row tiles over TAIL_N-key
+    blocks. In one launch the block holding N = 197's last 5 rows costs as much as a full one."""
+    cfg = _config(block_m, block_n, warps, stages)
+    cfg.kwargs.update(TAIL_M=tail_m, TAIL_N=tail_n, TAIL_WARPS=tail_warps)
+    return cfg
+
+
+TAIL_LAUNCH_KEYS = ("TAIL_M", "TAIL_N", "TAIL_WARPS")
 # Not offered to the tuner unless FASTVISION_EXPERIMENTAL_LAUNCHES=1: compiled for sm_80 / sm_90 and
-# checked on the interpreter here, not yet run or timed on a GPU. LAZY_RESCALE (_fwd_block_lazy) drops the
-# per-block rescale of acc, one multiply per output element and key block, from the forward's inner loop:
-# at head dim 64 that loop does about five elementwise operations per score beside the two matmuls.
+# checked on the interpreter here, not yet run or timed on a GPU.
 EXPERIMENTAL_FWD_CONFIGS = [
-    triton.Config({**c.kwargs, "LAZY_RESCALE": True}, num_warps=c.num_warps, num_stages=c.num_stages)
-    for c in (_config(64, 64, 4, 3), _config(128, 32, 4, 3), _config(64, 64, 4, 2), _config(128, 64, 4, 3))
+    _tail_launch_config(64, 64, 4, 3, 16, 256, 4),  # N ≤ 256: the tail's keys in one block
+    _tail_launch_config(128, 32, 4, 3, 16, 256, 4),
+    _tail_launch_config(64, 64, 4, 3, 16, 64, 4),
+    _tail_launch_config(64, 64, 4, 3, 32, 128, 4),
 ]
 SMALLEST_CONFIG = _config(16, 32, 4, 1)
 DELTA_BLOCK_M = 64
@@ -516,7 +514,10 @@ def shared_memory_estimate(kernel, cfg, d_pad: int, element_bytes: int) -> int:
         attention_bwd_dkdv_kernel: (2 * bn, 2 * bm),  # k, v; q and dO blocks
         attention_bwd_dq_kernel: (2 * bm, 2 * bn),    # q, dO; k and v blocks
     }[kernel]
-    return (resident + cfg.num_stages * streamed) * d_pad * element_bytes
+    main = (resident + cfg.num_stages * streamed) * d_pad * element_bytes
+    if "TAIL_M" not in cfg.kwargs:
+        return main
+    return max(main, (cfg.kwargs["TAIL_M"] + 2 * cfg.kwargs["TAIL_N"]) * d_pad * element_bytes)
 
 
 def leaves_short_tail(kernel, cfg, n: int) -> bool:
@@ -532,6 +533,7 @@ def candidate_configs(kernel, n: int, d_pad: int, element_bytes: int):
     fits = [c for c in CONFIGS[kernel]
             if c.kwargs["BLOCK_M"] <= limit and c.kwargs["BLOCK_N"] <= max(limit, 32)
             and (not c.kwargs["SPLIT_TAIL"] or leaves_short_tail(kernel, c, n))
+            and ("TAIL_M" not in c.kwargs or (n % c.kwargs["BLOCK_M"] and c.kwargs["TAIL_N"] <= max(limit, 32)))
             and shared_memory_estimate(kernel, c, d_pad, element_bytes) <= SHARED_MEMORY_BUDGET]
     return fits or [SMALLEST_CONFIG]
 
@@ -556,11 +558,22 @@ _HEURISTIC = {}  # (kernel name, n, head dim, padded head dim, element bytes) ->
 
 
 def _forced_for(kernel):
-    """forced_config, without the forward-only LAZY_RESCALE option for the backward kernels."""
-    if kernel is attention_fwd_kernel or "LAZY_RESCALE" not in forced_config.kwargs:
+    """forced_config, without the forward-only two-launch option (TAIL_LAUNCH_KEYS) for the backward kernels."""
+    if kernel is attention_fwd_kernel or "TAIL_M" not in forced_config.kwargs:
         return forced_config
-    kwargs = {k: v for k, v in forced_config.kwargs.items() if k != "LAZY_RESCALE"}
+    kwargs = {k: v for k, v in forced_config.kwargs.items() if k not in TAIL_LAUNCH_KEYS}
     return triton.Config(kwargs, num_warps=forced_config.num_warps, num_stages=forced_config.num_stages)
+
+
+def _two_launches(cfg, n: int, varlen: bool):
+    """A _tail_launch_config's launches, each (programs along N, constexprs, num_warps, num_stages): the
+    whole BLOCK_M blocks, then the ragged ends (under BLOCK_M rows per sequence) in TAIL_M-row tiles."""
+    kwargs = {k: v for k, v in cfg.kwargs.items() if k not in TAIL_LAUNCH_KEYS}
+    block_m, tail_m = kwargs["BLOCK_M"], cfg.kwargs["TAIL_M"]
+    tail_rows = min(n, block_m - 1) if varlen else n % block_m
+    tail = dict(kwargs, BLOCK_M=tail_m, BLOCK_N=cfg.kwargs["TAIL_N"], TAIL_AFTER=block_m)
+    return [(n // block_m, dict(kwargs, FULL_BLOCKS_ONLY=True), cfg.num_warps, cfg.num_stages),
+            (cdiv(tail_rows, tail_m), tail, cfg.kwargs["TAIL_WARPS"], 1)]
 
 
 def _launch(kernel, tensor, n, programs_per_row, *args, **meta):
@@ -568,6 +581,12 @@ def _launch(kernel, tensor, n, programs_per_row, *args, **meta):
     grid_axis = GRID_AXIS[kernel]
 
     def launch(cfg):
+        if "TAIL_M" in cfg.kwargs:
+            for programs, constexprs, warps, stages in _two_launches(cfg, n, meta["VARLEN"]):
+                if programs:
+                    kernel[(programs, programs_per_row)](*args, **meta, **constexprs, num_warps=warps,
+                                                         num_stages=stages)
+            return
         grid = (cdiv(n, cfg.kwargs[grid_axis]), programs_per_row)
         kernel[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
@@ -735,18 +754,22 @@ def aot_specializations():
                 base = dict(HEAD_DIM=d, D_PAD=d_pad, HAS_BIAS=has_bias, PRECISION=dot_precision(dtype, True),
                             VARLEN=varlen)
                 for kernel in CONFIGS:
-                    extra = {"N_ROWS": 1} if kernel is attention_fwd_kernel else {}
+                    extra = ({"N_ROWS": 1, "FULL_BLOCKS_ONLY": False, "TAIL_AFTER": 0}
+                             if kernel is attention_fwd_kernel else {})
                     candidates = candidate_configs(kernel, 4096, d_pad, element_bytes)
                     heuristic = heuristic_config(kernel, 4096, d, d_pad, element_bytes)
                     if main_case:  # and the split-tail ones, which N = 785 and 197 leave short ends for
                         chosen = {id(c): c for n in (4096, 785, 197) for c in candidate_configs(kernel, n, d_pad, 2)}
-                        if kernel is attention_fwd_kernel and not (has_bias or varlen):
+                        if kernel is attention_fwd_kernel:
                             chosen.update((id(c), c) for c in EXPERIMENTAL_FWD_CONFIGS)
                         chosen = chosen.values()
                     else:
                         chosen = {id(c): c for c in (candidates[0], heuristic)}.values()
                     for cfg in chosen:
-                        options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-                        yield kernel, _signature(kernel, pointer(dtype)), {**base, **extra, **cfg.kwargs}, options
+                        launches = (_two_launches(cfg, 197, varlen) if "TAIL_M" in cfg.kwargs
+                                    else [(1, cfg.kwargs, cfg.num_warps, cfg.num_stages)])
+                        for _, constexprs, warps, stages in launches:
+                            yield (kernel, _signature(kernel, pointer(dtype)), {**base, **extra, **constexprs},
+                                   {"num_warps": warps, "num_stages": stages})
         yield (attention_bwd_delta_kernel, _signature(attention_bwd_delta_kernel, pointer(dtype)),
                dict(HEAD_DIM=80, D_PAD=128, BLOCK_M=DELTA_BLOCK_M, VARLEN=False), {"num_warps": 4})
