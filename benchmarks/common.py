@@ -47,6 +47,17 @@ def _version(module_name: str) -> Optional[str]:
     return getattr(module, "__version__", "unknown")
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment_info(device: torch.device) -> Dict[str, object]:
     info: Dict[str, object] = {
         "device_type": device.type,
@@ -59,6 +70,11 @@ def environment_info(device: torch.device) -> Dict[str, object]:
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "git_commit": git_commit(),
         "triton_interpret": os.environ.get("TRITON_INTERPRET"),
+        # launch options (FASTVISION_EXPERIMENTAL_LAUNCHES, _AUTOTUNE, ...) change what is measured
+        "fastvision_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("FASTVISION_")},
+        # host time depends on it: compare host-bound numbers only across runs on the same CPU model
+        "host_cpu": _cpu_model(),
+        "host_cpus": os.cpu_count(),
         "argv": sys.argv,
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

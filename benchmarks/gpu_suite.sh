@@ -105,6 +105,7 @@ if wants env; then
   {
     echo "date: $(date -u +%FT%TZ)"
     echo "commit: $FASTVISION_COMMIT"
+    echo "host: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-) ($(nproc) CPUs)"
     timeout 30 nvidia-smi || echo "nvidia-smi failed"
     timeout 30 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,clocks.max.sm,power.draw,temperature.gpu --format=csv
     "$PY" - <<'PY'

@@ -3,8 +3,6 @@
 Every N class of ViT/DINO (1, 37, 145, 197, 257, 577, 785, 3137) and every head dim
 (32, 64, 80, 96, 128) appears; the interpreter grid is reduced, the GPU runs the same cases.
 """
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -121,16 +119,24 @@ def test_short_ragged_end_either_way(device, N, block, split_tail, monkeypatch):
     assert_close(rows, ((q @ k.transpose(-2, -1)) * 0.125).softmax(-1)[:, :, :3], torch.float16, name="rows")
 
 
+def _two_launch_configs():
+    from fastvision.triton_kernels import attention as kernels
+    lists = {"fwd": kernels.EXPERIMENTAL_FWD_CONFIGS, "dkdv": kernels.EXPERIMENTAL_DKDV_CONFIGS,
+             "dq": kernels.EXPERIMENTAL_DQ_CONFIGS}
+    return [pytest.param(c, id=f"{name}{i}") for name, configs in lists.items() for i, c in enumerate(configs)]
+
+
 @pytest.mark.parametrize("device", kernel_devices())
-@pytest.mark.parametrize("cfg", range(4))
+@pytest.mark.parametrize("cfg", _two_launch_configs())
 @pytest.mark.parametrize("N", [1, 37, 145, 197, 128])
-def test_two_launch_forward_matches_float64(device, cfg, N, monkeypatch):
-    """The experimental two-launch forward (_tail_launch_config): whole query blocks, then the ragged end
-    in small tiles. N with no whole block (1, 37), a 17- and a 5-row end, none (128); a bias with a
-    fully masked row, CLS attention rows, gradients."""
+def test_two_launch_kernels_match_float64(device, cfg, N, monkeypatch):
+    """The experimental two-launch option (_tail_launch_config), each configuration run by all three
+    kernels: whole blocks, then the ragged end in small tiles (query rows forward and for dq, key rows for
+    dk/dv). N with no whole block (1, 37), a 17- and a 5-row end, none (128); a bias with a fully masked
+    row, CLS attention rows, gradients."""
     from fastvision.triton_kernels import attention as kernels
 
-    monkeypatch.setattr(kernels, "forced_config", kernels.EXPERIMENTAL_FWD_CONFIGS[cfg])
+    monkeypatch.setattr(kernels, "forced_config", cfg)
     bias = randn(1, 2, N, N, std=2.0)
     bias[:, 1, N // 2] = float("-inf")
     inputs = _qkv(1, 2, N, 64, torch.float16, device, packed=True)
@@ -141,29 +147,6 @@ def test_two_launch_forward_matches_float64(device, cfg, N, monkeypatch):
     assert_close(rows, probs[:, :, :3], torch.float16, name="rows")
     bias[:, 1, N // 2] = 0.0  # gradients: every row with a key (the backward reads the forward's lse)
     _check(inputs, torch.float16, bias=bias.to(device))
-
-
-@pytest.mark.parametrize("device", kernel_devices())
-@pytest.mark.parametrize("cfg", [0, 3])
-def test_two_launch_forward_of_packed_sequences(device, cfg, monkeypatch):
-    """Packed sequences of different lengths (cu_seqlens): each one's whole blocks in the first launch,
-    its own ragged end in the second."""
-    from fastvision.triton_kernels import attention as kernels
-
-    monkeypatch.setattr(kernels, "forced_config", kernels.EXPERIMENTAL_FWD_CONFIGS[cfg])
-    lengths = (197, 37, 64, 1, 145)
-    cu_seqlens = torch.tensor((0,) + lengths, dtype=torch.int32).cumsum(0).to(torch.int32).to(device)
-    qkv = randn(sum(lengths), 3, 2, 64, dtype=torch.float16, device=device, std=2.0)
-    q, k, v = qkv[None].unbind(2)
-    out, lse, _ = kernels.attention_fwd(q, k, v, scale=0.125, heads_last=True, cu_seqlens=cu_seqlens,
-                                        max_seqlen=max(lengths))
-    ref_q, ref_k, ref_v = (t[0].transpose(0, 1).double().cpu() for t in (q, k, v))  # (H, T, d)
-    for start, end in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
-        s = (ref_q[:, start:end] @ ref_k[:, start:end].transpose(-2, -1)) * 0.125
-        assert_close(out[0, start:end].transpose(0, 1), s.softmax(-1) @ ref_v[:, start:end], torch.float16,
-                     name=f"output of the sequence at {start}")
-        assert_close(lse[:, start:end], torch.logsumexp(s, -1) * math.log2(math.e), torch.float32,
-                     name=f"lse of the sequence at {start}")
 
 
 @pytest.mark.parametrize("device", kernel_devices())
@@ -384,8 +367,9 @@ def test_attention_compiles_fullgraph(device):
 def test_every_autotune_config_is_correct(kernel, monkeypatch):
     from fastvision.triton_kernels import attention as kernels
 
-    configs = {"fwd": kernels.FWD_CONFIGS + kernels.EXPERIMENTAL_FWD_CONFIGS, "dkdv": kernels.DKDV_CONFIGS,
-               "dq": kernels.DQ_CONFIGS}[kernel]
+    configs = {"fwd": kernels.FWD_CONFIGS + kernels.EXPERIMENTAL_FWD_CONFIGS,
+               "dkdv": kernels.DKDV_CONFIGS + kernels.EXPERIMENTAL_DKDV_CONFIGS,
+               "dq": kernels.DQ_CONFIGS + kernels.EXPERIMENTAL_DQ_CONFIGS}[kernel]
     for cfg in configs:
         monkeypatch.setattr(kernels, "forced_config", cfg)
         for d, dtype in ((80, torch.float16), (64, torch.bfloat16)):

@@ -7,7 +7,7 @@ Scores are kept in base 2 (scale · log2 e) so the exponentials are exp2. Every 
 blocks unmasked, then the ragged end masked: one more full block when it fills more than half of
 one, else TAIL_BLOCK-wide blocks. The grid's blocks may do the same (SPLIT_TAIL, a tuned option): the
 program holding a short ragged end of the queries (of the keys for dk/dv) runs it in TAIL_BLOCK-row tiles.
-An experimental forward option (_tail_launch_config) moves that ragged end into a second launch instead.
+An experimental option (_tail_launch_config) moves that ragged end into a second launch instead.
 With N_ROWS > 0 the tile holding the first N_ROWS query rows also writes their softmax(s)
 (DINO's CLS attention maps) in a second sweep that reuses the final lse.
 
@@ -192,17 +192,18 @@ def _fwd_tile(q_base, k_base, v_base, bias_base, o_base, lse_base, rows_base, st
 
 
 @triton.jit
-def _launch_rows(pid_m, N, BLOCK_M: tl.constexpr, FULL_BLOCKS_ONLY: tl.constexpr, TAIL_AFTER: tl.constexpr):
-    """(first query row of this program, end of this launch's rows). A launch covers every row, or with
-    FULL_BLOCKS_ONLY the whole BLOCK_M blocks only, or with TAIL_AFTER > 0 the rows past the last whole
-    TAIL_AFTER block: the ragged end that a second launch runs in smaller tiles (_tail_launch_config)."""
-    end_m = N
+def _launch_rows(pid, N, BLOCK: tl.constexpr, FULL_BLOCKS_ONLY: tl.constexpr, TAIL_AFTER: tl.constexpr):
+    """(first row of this program along the grid's axis, end of this launch's rows). A launch covers every
+    row in BLOCK-row tiles, or with FULL_BLOCKS_ONLY the whole blocks only, or with TAIL_AFTER > 0 the rows
+    past the last whole TAIL_AFTER block: the ragged end that a second launch runs in smaller tiles
+    (_tail_launch_config)."""
+    end = N
     if FULL_BLOCKS_ONLY:
-        end_m = (N // BLOCK_M) * BLOCK_M
+        end = (N // BLOCK) * BLOCK
     first = 0
     if TAIL_AFTER > 0:
         first = (N // TAIL_AFTER) * TAIL_AFTER
-    return first + pid_m * BLOCK_M, end_m
+    return first + pid * BLOCK, end
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -328,12 +329,13 @@ def attention_bwd_dkdv_kernel(
     stride_lb, stride_lh, H, N, scale, scale_log2, bias_mult,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT_TAIL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, VARLEN: tl.constexpr,
+    FULL_BLOCKS_ONLY: tl.constexpr = False, TAIL_AFTER: tl.constexpr = 0,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b, h, start, N = _sequence(pid_bh, H, N, CuSeqlens, VARLEN)
-    start_n = pid_n * BLOCK_N
-    if start_n < N:
+    start_n, end_n = _launch_rows(pid_n, N, BLOCK_N, FULL_BLOCKS_ONLY, TAIL_AFTER)
+    if start_n < end_n:
         q_base, k_base, v_base, bias_base, lse_base = _head_bases(
             Q, K, V, Bias, LSE, b, h, start, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
             stride_vb, stride_vh, stride_vn, stride_bb, stride_bh, stride_lb, stride_lh)
@@ -411,12 +413,13 @@ def attention_bwd_dq_kernel(
     stride_lb, stride_lh, H, N, scale, scale_log2, bias_mult,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT_TAIL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, VARLEN: tl.constexpr,
+    FULL_BLOCKS_ONLY: tl.constexpr = False, TAIL_AFTER: tl.constexpr = 0,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b, h, start, N = _sequence(pid_bh, H, N, CuSeqlens, VARLEN)
-    start_m = pid_m * BLOCK_M
-    if start_m < N:
+    start_m, end_m = _launch_rows(pid_m, N, BLOCK_M, FULL_BLOCKS_ONLY, TAIL_AFTER)
+    if start_m < end_m:
         q_base, k_base, v_base, bias_base, lse_base = _head_bases(
             Q, K, V, Bias, LSE, b, h, start, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
             stride_vb, stride_vh, stride_vn, stride_bb, stride_bh, stride_lb, stride_lh)
@@ -472,23 +475,30 @@ DQ_CONFIGS = [
 ]
 
 
-def _tail_launch_config(block_m, block_n, warps, stages, tail_m, tail_n, tail_warps):
-    """The forward in two launches (_two_launches): the whole BLOCK_M query blocks, with no ragged-end
-    code in that kernel, then each sequence's last N mod BLOCK_M rows in TAIL_M-row tiles over TAIL_N-key
-    blocks. In one launch the block holding N = 197's last 5 rows costs as much as a full one."""
+def _tail_launch_config(block_m, block_n, warps, stages, tail_tile, tail_stream, tail_warps):
+    """A kernel in two launches (_launches): the whole blocks along the grid's axis (queries forward and
+    for dq, keys for dk/dv), with no ragged-end code in that kernel, then each sequence's last rows in
+    tail_tile-row tiles streaming the other axis in tail_stream blocks. In one launch the program holding
+    N = 197's last 5 rows costs as much as a full one."""
     cfg = _config(block_m, block_n, warps, stages)
-    cfg.kwargs.update(TAIL_M=tail_m, TAIL_N=tail_n, TAIL_WARPS=tail_warps)
+    cfg.kwargs.update(TAIL_TILE=tail_tile, TAIL_STREAM=tail_stream, TAIL_WARPS=tail_warps)
     return cfg
 
 
-TAIL_LAUNCH_KEYS = ("TAIL_M", "TAIL_N", "TAIL_WARPS")
+TAIL_LAUNCH_KEYS = ("TAIL_TILE", "TAIL_STREAM", "TAIL_WARPS")
 # Not offered to the tuner unless FASTVISION_EXPERIMENTAL_LAUNCHES=1: compiled for sm_80 / sm_90 and
-# checked on the interpreter here, not yet run or timed on a GPU.
+# checked on the interpreter here, not yet run or timed on a GPU. Each main launch is the best plain
+# candidate at N = 197 on the H100 (cafbfa6) without its tail; 256-wide streams take N ≤ 256 in one block.
 EXPERIMENTAL_FWD_CONFIGS = [
-    _tail_launch_config(64, 64, 4, 3, 16, 256, 4),  # N ≤ 256: the tail's keys in one block
-    _tail_launch_config(128, 32, 4, 3, 16, 256, 4),
-    _tail_launch_config(64, 64, 4, 3, 16, 64, 4),
-    _tail_launch_config(64, 64, 4, 3, 32, 128, 4),
+    _tail_launch_config(64, 64, 4, 3, 16, 256, 4), _tail_launch_config(128, 32, 4, 3, 16, 256, 4),
+    _tail_launch_config(64, 64, 4, 3, 16, 64, 4), _tail_launch_config(64, 64, 4, 3, 32, 128, 4),
+]
+EXPERIMENTAL_DKDV_CONFIGS = [
+    _tail_launch_config(64, 64, 4, 2, 16, 256, 4), _tail_launch_config(32, 64, 4, 2, 16, 64, 4),
+    _tail_launch_config(32, 128, 4, 2, 16, 256, 4),
+]
+EXPERIMENTAL_DQ_CONFIGS = [
+    _tail_launch_config(64, 64, 4, 2, 16, 256, 4), _tail_launch_config(64, 64, 4, 2, 16, 64, 4),
 ]
 SMALLEST_CONFIG = _config(16, 32, 4, 1)
 DELTA_BLOCK_M = 64
@@ -507,17 +517,17 @@ def tuning_class(n: int) -> int:
 
 
 def shared_memory_estimate(kernel, cfg, d_pad: int, element_bytes: int) -> int:
-    """Bytes of shared memory: tiles held for the whole program plus num_stages copies of the streamed ones."""
-    bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
-    resident, streamed = {
-        attention_fwd_kernel: (bm, 2 * bn),          # q; k and v blocks
-        attention_bwd_dkdv_kernel: (2 * bn, 2 * bm),  # k, v; q and dO blocks
-        attention_bwd_dq_kernel: (2 * bm, 2 * bn),    # q, dO; k and v blocks
-    }[kernel]
-    main = (resident + cfg.num_stages * streamed) * d_pad * element_bytes
-    if "TAIL_M" not in cfg.kwargs:
-        return main
-    return max(main, (cfg.kwargs["TAIL_M"] + 2 * cfg.kwargs["TAIL_N"]) * d_pad * element_bytes)
+    """Bytes of shared memory: tiles held for the whole program plus num_stages copies of the streamed ones
+    (the larger launch of a two-launch configuration)."""
+    def estimate(bm, bn, stages):
+        resident, streamed = {
+            attention_fwd_kernel: (bm, 2 * bn),          # q; k and v blocks
+            attention_bwd_dkdv_kernel: (2 * bn, 2 * bm),  # k, v; q and dO blocks
+            attention_bwd_dq_kernel: (2 * bm, 2 * bn),    # q, dO; k and v blocks
+        }[kernel]
+        return (resident + stages * streamed) * d_pad * element_bytes
+
+    return max(estimate(c["BLOCK_M"], c["BLOCK_N"], stages) for _, c, _, stages in _launches(kernel, cfg, 4096, False))
 
 
 def leaves_short_tail(kernel, cfg, n: int) -> bool:
@@ -533,7 +543,8 @@ def candidate_configs(kernel, n: int, d_pad: int, element_bytes: int):
     fits = [c for c in CONFIGS[kernel]
             if c.kwargs["BLOCK_M"] <= limit and c.kwargs["BLOCK_N"] <= max(limit, 32)
             and (not c.kwargs["SPLIT_TAIL"] or leaves_short_tail(kernel, c, n))
-            and ("TAIL_M" not in c.kwargs or (n % c.kwargs["BLOCK_M"] and c.kwargs["TAIL_N"] <= max(limit, 32)))
+            and ("TAIL_TILE" not in c.kwargs
+                 or (n % c.kwargs[GRID_AXIS[kernel]] and c.kwargs["TAIL_STREAM"] <= max(limit, 32)))
             and shared_memory_estimate(kernel, c, d_pad, element_bytes) <= SHARED_MEMORY_BUDGET]
     return fits or [SMALLEST_CONFIG]
 
@@ -547,33 +558,33 @@ def heuristic_config(kernel, n: int, head_dim: int, d_pad: int, element_bytes: i
 
 
 EXPERIMENTAL_LAUNCHES = os.environ.get("FASTVISION_EXPERIMENTAL_LAUNCHES") == "1"
-CONFIGS = {attention_fwd_kernel: FWD_CONFIGS + (EXPERIMENTAL_FWD_CONFIGS if EXPERIMENTAL_LAUNCHES else []),
-           attention_bwd_dkdv_kernel: DKDV_CONFIGS, attention_bwd_dq_kernel: DQ_CONFIGS}
-# The block the grid tiles N by: query rows forward and for dq, key rows for dk/dv.
+EXPERIMENTAL_CONFIGS = {attention_fwd_kernel: EXPERIMENTAL_FWD_CONFIGS,
+                        attention_bwd_dkdv_kernel: EXPERIMENTAL_DKDV_CONFIGS,
+                        attention_bwd_dq_kernel: EXPERIMENTAL_DQ_CONFIGS}
+CONFIGS = {kernel: configs + (EXPERIMENTAL_CONFIGS[kernel] if EXPERIMENTAL_LAUNCHES else [])
+           for kernel, configs in ((attention_fwd_kernel, FWD_CONFIGS), (attention_bwd_dkdv_kernel, DKDV_CONFIGS),
+                                   (attention_bwd_dq_kernel, DQ_CONFIGS))}
+# The block the grid tiles N by: query rows forward and for dq, key rows for dk/dv; the other one streams.
 GRID_AXIS = {attention_fwd_kernel: "BLOCK_M", attention_bwd_dkdv_kernel: "BLOCK_N",
              attention_bwd_dq_kernel: "BLOCK_M"}
+STREAM_AXIS = {kernel: "BLOCK_N" if axis == "BLOCK_M" else "BLOCK_M" for kernel, axis in GRID_AXIS.items()}
 # Tests set this to a triton.Config to run every kernel with that one configuration.
 forced_config = None
 _HEURISTIC = {}  # (kernel name, n, head dim, padded head dim, element bytes) -> heuristic_config
 
 
-def _forced_for(kernel):
-    """forced_config, without the forward-only two-launch option (TAIL_LAUNCH_KEYS) for the backward kernels."""
-    if kernel is attention_fwd_kernel or "TAIL_M" not in forced_config.kwargs:
-        return forced_config
-    kwargs = {k: v for k, v in forced_config.kwargs.items() if k not in TAIL_LAUNCH_KEYS}
-    return triton.Config(kwargs, num_warps=forced_config.num_warps, num_stages=forced_config.num_stages)
-
-
-def _two_launches(cfg, n: int, varlen: bool):
-    """A _tail_launch_config's launches, each (programs along N, constexprs, num_warps, num_stages): the
-    whole BLOCK_M blocks, then the ragged ends (under BLOCK_M rows per sequence) in TAIL_M-row tiles."""
+def _launches(kernel, cfg, n: int, varlen: bool):
+    """The launches of one configuration over n rows, each (programs along N, constexprs, num_warps,
+    num_stages). A _tail_launch_config makes two: the whole blocks along the grid's axis, then the ragged
+    ends (fewer rows than a block per sequence) in TAIL_TILE-row tiles."""
+    if "TAIL_TILE" not in cfg.kwargs:
+        return [(cdiv(n, cfg.kwargs[GRID_AXIS[kernel]]), cfg.kwargs, cfg.num_warps, cfg.num_stages)]
     kwargs = {k: v for k, v in cfg.kwargs.items() if k not in TAIL_LAUNCH_KEYS}
-    block_m, tail_m = kwargs["BLOCK_M"], cfg.kwargs["TAIL_M"]
-    tail_rows = min(n, block_m - 1) if varlen else n % block_m
-    tail = dict(kwargs, BLOCK_M=tail_m, BLOCK_N=cfg.kwargs["TAIL_N"], TAIL_AFTER=block_m)
-    return [(n // block_m, dict(kwargs, FULL_BLOCKS_ONLY=True), cfg.num_warps, cfg.num_stages),
-            (cdiv(tail_rows, tail_m), tail, cfg.kwargs["TAIL_WARPS"], 1)]
+    block, tile = kwargs[GRID_AXIS[kernel]], cfg.kwargs["TAIL_TILE"]
+    tail_rows = min(n, block - 1) if varlen else n % block
+    tail = dict(kwargs, TAIL_AFTER=block, **{GRID_AXIS[kernel]: tile, STREAM_AXIS[kernel]: cfg.kwargs["TAIL_STREAM"]})
+    return [(n // block, dict(kwargs, FULL_BLOCKS_ONLY=True), cfg.num_warps, cfg.num_stages),
+            (cdiv(tail_rows, tile), tail, cfg.kwargs["TAIL_WARPS"], 1)]
 
 
 def _launch(kernel, tensor, n, programs_per_row, *args, **meta):
@@ -581,14 +592,9 @@ def _launch(kernel, tensor, n, programs_per_row, *args, **meta):
     grid_axis = GRID_AXIS[kernel]
 
     def launch(cfg):
-        if "TAIL_M" in cfg.kwargs:
-            for programs, constexprs, warps, stages in _two_launches(cfg, n, meta["VARLEN"]):
-                if programs:
-                    kernel[(programs, programs_per_row)](*args, **meta, **constexprs, num_warps=warps,
-                                                         num_stages=stages)
-            return
-        grid = (cdiv(n, cfg.kwargs[grid_axis]), programs_per_row)
-        kernel[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        for programs, constexprs, warps, stages in _launches(kernel, cfg, n, meta["VARLEN"]):
+            if programs:
+                kernel[(programs, programs_per_row)](*args, **meta, **constexprs, num_warps=warps, num_stages=stages)
 
     if tensor.device.type != "cuda" and forced_config is None:
         blocks = INTERPRETER_BLOCKS if n <= 1024 else INTERPRETER_LONG_BLOCKS
@@ -596,7 +602,7 @@ def _launch(kernel, tensor, n, programs_per_row, *args, **meta):
         return
     d_pad, element_bytes = meta["D_PAD"], tensor.element_size()
     if forced_config is not None:
-        cfg = _forced_for(kernel)
+        cfg = forced_config
     elif tuning_enabled():
         key = (kernel.__name__, tuning_class(n), meta["HEAD_DIM"], tensor.dtype, meta["HAS_BIAS"],
                meta["PRECISION"], meta["VARLEN"], tensor.device.index)  # packed short crops tune apart
@@ -754,21 +760,19 @@ def aot_specializations():
                 base = dict(HEAD_DIM=d, D_PAD=d_pad, HAS_BIAS=has_bias, PRECISION=dot_precision(dtype, True),
                             VARLEN=varlen)
                 for kernel in CONFIGS:
-                    extra = ({"N_ROWS": 1, "FULL_BLOCKS_ONLY": False, "TAIL_AFTER": 0}
-                             if kernel is attention_fwd_kernel else {})
+                    extra = {"FULL_BLOCKS_ONLY": False, "TAIL_AFTER": 0}
+                    if kernel is attention_fwd_kernel:
+                        extra["N_ROWS"] = 1
                     candidates = candidate_configs(kernel, 4096, d_pad, element_bytes)
                     heuristic = heuristic_config(kernel, 4096, d, d_pad, element_bytes)
                     if main_case:  # and the split-tail ones, which N = 785 and 197 leave short ends for
                         chosen = {id(c): c for n in (4096, 785, 197) for c in candidate_configs(kernel, n, d_pad, 2)}
-                        if kernel is attention_fwd_kernel:
-                            chosen.update((id(c), c) for c in EXPERIMENTAL_FWD_CONFIGS)
+                        chosen.update((id(c), c) for c in EXPERIMENTAL_CONFIGS[kernel])
                         chosen = chosen.values()
                     else:
                         chosen = {id(c): c for c in (candidates[0], heuristic)}.values()
                     for cfg in chosen:
-                        launches = (_two_launches(cfg, 197, varlen) if "TAIL_M" in cfg.kwargs
-                                    else [(1, cfg.kwargs, cfg.num_warps, cfg.num_stages)])
-                        for _, constexprs, warps, stages in launches:
+                        for _, constexprs, warps, stages in _launches(kernel, cfg, 197, varlen):
                             yield (kernel, _signature(kernel, pointer(dtype)), {**base, **extra, **constexprs},
                                    {"num_warps": warps, "num_stages": stages})
         yield (attention_bwd_delta_kernel, _signature(attention_bwd_delta_kernel, pointer(dtype)),
