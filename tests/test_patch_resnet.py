@@ -72,6 +72,34 @@ def test_patched_resnet50_low_precision_no_worse_than_eager(dtype):
     assert relative_error(out, ref) <= max(2 * relative_error(eager, ref), 5e-2)
 
 
+@needs_extension
+@pytest.mark.parametrize("name", ("resnet18", "resnet50"))
+def test_every_chain_is_fused_under_autocast(name, monkeypatch):
+    """float32 weights under bf16 autocast (how models are trained and benchmarked): every conv -> BN
+    chain runs the fused op, none declines for the weights' dtype, and the output is as close to float64
+    as eager autocast's."""
+    from fastvision.modules.conv import ConvBnFusion
+    from fastvision.testing import relative_error
+    model = make(name).eval().to(memory_format=torch.channels_last)
+    x = images().contiguous(memory_format=torch.channels_last)
+    patched = fastvision.patch(copy.deepcopy(model))
+    reasons = []
+    decline = ConvBnFusion.decline
+
+    def recorded(self, *args):
+        reasons.append(decline(self, *args))
+        return reasons[-1]
+
+    monkeypatch.setattr(ConvBnFusion, "decline", recorded)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out, eager = patched(x), model(x)
+        ref = copy.deepcopy(model).double()(x.double())
+    assert len(reasons) == sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    assert set(reasons) == {None}, set(reasons)
+    assert out.dtype == eager.dtype == torch.bfloat16
+    assert relative_error(out, ref) <= max(2 * relative_error(eager, ref), 5e-2)
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_train_step_identical_to_eager(name):
     model = make(name).train()

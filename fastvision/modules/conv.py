@@ -120,11 +120,13 @@ class ConvBnFusion:
         return weight, bias
 
     # --- dispatch -------------------------------------------------------------------------
+    @staticmethod
+    def autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
+        """The dtype autocast runs a conv on ``x`` in, None outside autocast."""
+        return ops_common.autocast_dtype_for(x.device.type, "lower") if x.is_floating_point() else None
+
     def compute_dtype(self, x: Tensor) -> torch.dtype:
-        device = x.device.type
-        if device in ("cuda", "cpu") and torch.is_autocast_enabled(device) and x.is_floating_point():
-            return torch.get_autocast_dtype(device)
-        return x.dtype
+        return self.autocast_dtype(x) or x.dtype
 
     def decline(self, x: Tensor, residual: Optional[Tensor] = None) -> Optional[str]:
         """Why this chain runs the eager modules on ``x`` (None: it runs conv_bn_act)."""
@@ -133,7 +135,8 @@ class ConvBnFusion:
         if x.dim() != 4:
             return f"input is {x.dim()}-D, not 4-D"
         dtype = self.compute_dtype(x)
-        if dtype == x.dtype and self.conv.weight.dtype != x.dtype:
+        # Outside autocast eager conv2d refuses mixed dtypes; under it both are cast to the autocast dtype.
+        if self.autocast_dtype(x) is None and self.conv.weight.dtype != x.dtype:
             return f"input dtype {x.dtype} differs from the conv weight's {self.conv.weight.dtype}"
         if residual is not None and residual.dtype != dtype:
             return f"residual dtype {residual.dtype} differs from the compute dtype {dtype}"
