@@ -5,7 +5,8 @@
 For each model: inference (eval, no_grad) and a training step (forward, cross-entropy, backward,
 AdamW step), both under bf16 autocast, in images per second; the peak memory the step allocates and
 the time to the first step (compilation and autotuning count there). Patched inference logits are
-compared with eager ones (same seed, same weights). Writes DIR/models.json.
+compared with eager ones (same seed, same weights). The patch variant also records which fused
+modules ran their eager fallback in its first step, and why (``declined_modules``). Writes DIR/models.json.
 "+graph" variants (not in the default set: --variants eager+graph,patch+graph) replay the forward
 (inference) or the forward and backward (training; AdamW stays outside) from a CUDA graph
 (fastvision.cuda_graphs.CapturedCall): device time without the host's launch cost.
@@ -124,7 +125,14 @@ def measure(name: str, variant: str, task: str, args, device, reference: Dict[st
         torch.cuda.reset_peak_memory_stats(device)
     common.synchronize(device)
     start = time.perf_counter()
-    first = step()
+    if variant == "patch":  # which fused modules ran eager in the step, and why (the graph variant runs the same)
+        from fastvision.verify import recording_declines
+        with recording_declines(model) as declined:
+            first = step()
+        record["declined_modules"] = dict(declined)
+        record["declined"] = len(declined)
+    else:
+        first = step()
     common.synchronize(device)
     record["first_step_s"] = time.perf_counter() - start
     if task == "infer":
@@ -241,7 +249,8 @@ def main(argv=None) -> Dict[str, object]:
     payload.update(complete=True, elapsed_s=budget.elapsed())
     common.write_json(os.path.join(args.out, "models.json"), payload)
     common.print_table(results, ["model", "task", "variant", "batch", "status", "img_per_s", "speedup_vs_eager",
-                                 "ms_per_step", "peak_mem_gib", "first_step_s", "logits_rel_err_vs_eager", "error"],
+                                 "ms_per_step", "peak_mem_gib", "first_step_s", "logits_rel_err_vs_eager", "declined",
+                                 "error"],
                        title=f"models: {len(results)} runs in {budget.elapsed():.0f} s (autocast {args.amp})")
     return payload
 

@@ -6,9 +6,10 @@ output and each parameter gradient, the patched model passes when its error agai
 the float64 reference is within the dtype's tolerance, or no worse than the eager
 model's own error in that dtype (eager itself rounds; deep models accumulate it).
 """
+import contextlib
 import copy
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -125,8 +126,11 @@ def _eager_and_patched(model: nn.Module):
     return copy.deepcopy(model), _patch(copy.deepcopy(model))
 
 
-def _declines(patched: nn.Module, inputs) -> Dict[str, str]:
-    """Fused modules that fell back to eager on these inputs, with their reasons."""
+@contextlib.contextmanager
+def recording_declines(patched: nn.Module) -> Iterator[Dict[str, str]]:
+    """Within the block: the fused modules of ``patched`` that fall back to eager, with their reasons,
+    each asked (``why_not``) when it is called, in the caller's own autocast and grad mode. Not for
+    torch.compile'd models: the hooks would break their graphs."""
     reasons: Dict[str, str] = {}
     handles = []
     for name, module in patched.named_modules():
@@ -138,11 +142,16 @@ def _declines(patched: nn.Module, inputs) -> Dict[str, str]:
                         reasons[name] = reason
             handles.append(module.register_forward_pre_hook(hook))
     try:
-        with torch.no_grad():
-            patched(*inputs)
+        yield reasons
     finally:
         for h in handles:
             h.remove()
+
+
+def _declines(patched: nn.Module, inputs) -> Dict[str, str]:
+    """Fused modules that fell back to eager on these inputs, with their reasons."""
+    with recording_declines(patched) as reasons, torch.no_grad():
+        patched(*inputs)
     return reasons
 
 

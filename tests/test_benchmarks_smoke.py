@@ -149,6 +149,8 @@ def test_models_smoke(tmp_path):
         assert r["img_per_s"] > 0 and r["first_step_s"] > 0 and r["model"] == models.SMOKE_MODEL
         assert r["speedup_vs_eager"] == pytest.approx(r["img_per_s"] / runs[(r["task"], "eager")]["img_per_s"])
     assert runs[("infer", "patch")]["patched_modules"] > 0
+    # every fused module ran its kernel in the step (the interpreter runs them on CPU)
+    assert runs[("infer", "patch")]["declined_modules"] == runs[("train", "patch")]["declined_modules"] == {}
     assert runs[("infer", "patch")]["logits_rel_err_vs_eager"] < 1e-4  # float32 on CPU, same weights
     assert payload["results"] == data["results"]
 

@@ -100,6 +100,21 @@ def test_every_chain_is_fused_under_autocast(name, monkeypatch):
     assert relative_error(out, ref) <= max(2 * relative_error(eager, ref), 5e-2)
 
 
+@needs_extension
+def test_recording_declines_names_each_block_that_ran_eager():
+    """In training mode every block keeps its eager modules (batch statistics); the benchmarks record it."""
+    from fastvision.verify import recording_declines
+    patched = fastvision.patch(make("resnet18")).train()
+    with recording_declines(patched) as declined:
+        patched(images())
+    blocks = {n for n, m in patched.named_modules() if isinstance(m, FusedResNetBlock)}
+    assert blocks and blocks <= set(declined)
+    assert all("batch statistics" in declined[b] for b in blocks)
+    with recording_declines(patched.eval()) as declined, torch.no_grad():
+        patched(images())
+    assert not blocks & set(declined)
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_train_step_identical_to_eager(name):
     model = make(name).train()
