@@ -1,5 +1,7 @@
 """fastvision.patch on timm ViT families: same outputs, gradients, parameters and checkpoints."""
+import collections
 import copy
+import dataclasses
 import os
 import subprocess
 import sys
@@ -272,6 +274,30 @@ def test_to_dtype_and_autocast_on_patched_model(device):
     model.to(torch.float16)
     assert all(p.dtype == torch.float16 for p in patched.parameters())
     assert_close(patched(x.half()), model(x.half()), torch.float16)
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_autocast_runs_the_same_fused_ops(device, monkeypatch):
+    """Under bf16 autocast a patched ViT's forward and backward call every fused op they call without it:
+    no silent eager fallback for the float32 weights (as ResNet's conv chains once had)."""
+    from fastvision.ops import _dispatch
+    calls = collections.Counter()
+    for name, entry in list(_dispatch.REGISTRY.items()):
+        def counted(*args, _impl=entry.impl, _name=name):
+            calls[_name] += 1
+            return _impl(*args)
+        monkeypatch.setitem(_dispatch.REGISTRY, name, dataclasses.replace(entry, impl=counted))
+    model = fastvision.patch(make_vit("vit_small_patch16_224").to(device)).train()
+    x = images(model).to(device)
+    counts = []
+    for enabled in (False, True):
+        calls.clear()
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=enabled):
+            out = model(x)
+        out.float().sum().backward()
+        counts.append(dict(calls))
+    assert {"attention_qkvpacked", "add_layer_norm_backward"} <= set(counts[0])
+    assert counts[1] == counts[0]
 
 
 def test_ddp_wraps_a_patched_model(tmp_path):
