@@ -73,15 +73,19 @@ def test_patched_resnet50_low_precision_no_worse_than_eager(dtype):
 
 
 @needs_extension
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])])
 @pytest.mark.parametrize("name", ("resnet18", "resnet50"))
-def test_every_chain_is_fused_under_autocast(name, monkeypatch):
+def test_every_chain_is_fused_under_autocast(name, device, monkeypatch):
     """float32 weights under bf16 autocast (how models are trained and benchmarked): every conv -> BN
     chain runs the fused op, none declines for the weights' dtype, and the output is as close to float64
     as eager autocast's."""
     from fastvision.modules.conv import ConvBnFusion
     from fastvision.testing import relative_error
-    model = make(name).eval().to(memory_format=torch.channels_last)
-    x = images().contiguous(memory_format=torch.channels_last)
+    model = make(name).eval().to(device, memory_format=torch.channels_last)
+    x = images().to(device).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = copy.deepcopy(model).double()(x.double())
     patched = fastvision.patch(copy.deepcopy(model))
     reasons = []
     decline = ConvBnFusion.decline
@@ -91,9 +95,8 @@ def test_every_chain_is_fused_under_autocast(name, monkeypatch):
         return reasons[-1]
 
     monkeypatch.setattr(ConvBnFusion, "decline", recorded)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
         out, eager = patched(x), model(x)
-        ref = copy.deepcopy(model).double()(x.double())
     assert len(reasons) == sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
     assert set(reasons) == {None}, set(reasons)
     assert out.dtype == eager.dtype == torch.bfloat16
