@@ -192,10 +192,13 @@ def main(argv=None) -> None:
         print(f"models ({models['env'].get('device_name')}), {models['elapsed_s']:.0f} s")
         common.print_table(models["results"], ["model", "task", "variant", "batch", "status", "img_per_s",
                                                 "speedup_vs_eager", "peak_mem_gib", "first_step_s",
-                                                "logits_rel_err_vs_eager"])
+                                                "logits_rel_err_vs_eager", "declined"])
         for r in models["results"]:
             if r.get("status") == "error":
                 print(f"  {r['model']} {r['task']} {r['variant']}: {r['error'][:200]}")
+            reasons = sorted(set((r.get("declined_modules") or {}).values()))
+            if reasons:  # fused modules that ran their eager fallback in that step
+                print(f"  {r['model']} {r['task']} {r['variant']} ran eager: {'; '.join(reasons)[:200]}")
     goals = micro_goal_lines(micro) if micro else []
     bundle = _load(os.path.join(out, "suite.json")) or {}  # where the suite gathered them at its end
     for name, label in (("dino_step", "DINO step"), ("dino_step_s8", "DINO step ViT-S/8")):

@@ -344,3 +344,14 @@ def test_summary_reads_dino_results_gathered_into_suite_json(tmp_path, capsys):
     summary.main([str(tmp_path)])
     text = capsys.readouterr().out
     assert "DINO step (H100)" in text and "fastvision+packing+graph 2000 img/s: 2.00x eager [>=1.5 yes]" in text
+
+
+def test_summary_names_what_ran_eager_in_a_model_run(tmp_path, capsys):
+    reason = "input dtype torch.bfloat16 differs from the conv weight's torch.float32"
+    run = {"model": "resnet50", "task": "infer", "variant": "patch", "status": "ok", "img_per_s": 1.0,
+           "declined": 2, "declined_modules": {"layer1.0": reason, "layer1.1": reason}}
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "models.json").write_text(
+        json.dumps({"env": {"device_name": "H100"}, "elapsed_s": 1.0, "results": [run]}))
+    summary.main([str(tmp_path)])
+    assert f"resnet50 infer patch ran eager: {reason}" in capsys.readouterr().out
