@@ -527,7 +527,8 @@ def shared_memory_estimate(kernel, cfg, d_pad: int, element_bytes: int) -> int:
         }[kernel]
         return (resident + stages * streamed) * d_pad * element_bytes
 
-    return max(estimate(c["BLOCK_M"], c["BLOCK_N"], stages) for _, c, _, stages in _launches(kernel, cfg, 4096, False))
+    launches = _launches(GRID_AXIS[kernel], cfg, 4096, False)
+    return max(estimate(c["BLOCK_M"], c["BLOCK_N"], stages) for _, c, _, stages in launches)
 
 
 def leaves_short_tail(kernel, cfg, n: int) -> bool:
@@ -567,22 +568,23 @@ CONFIGS = {kernel: configs + (EXPERIMENTAL_CONFIGS[kernel] if EXPERIMENTAL_LAUNC
 # The block the grid tiles N by: query rows forward and for dq, key rows for dk/dv; the other one streams.
 GRID_AXIS = {attention_fwd_kernel: "BLOCK_M", attention_bwd_dkdv_kernel: "BLOCK_N",
              attention_bwd_dq_kernel: "BLOCK_M"}
-STREAM_AXIS = {kernel: "BLOCK_N" if axis == "BLOCK_M" else "BLOCK_M" for kernel, axis in GRID_AXIS.items()}
 # Tests set this to a triton.Config to run every kernel with that one configuration.
 forced_config = None
 _HEURISTIC = {}  # (kernel name, n, head dim, padded head dim, element bytes) -> heuristic_config
 
 
-def _launches(kernel, cfg, n: int, varlen: bool):
+def _launches(grid_axis: str, cfg, n: int, varlen: bool):
     """The launches of one configuration over n rows, each (programs along N, constexprs, num_warps,
-    num_stages). A _tail_launch_config makes two: the whole blocks along the grid's axis, then the ragged
-    ends (fewer rows than a block per sequence) in TAIL_TILE-row tiles."""
+    num_stages); ``grid_axis``: the kernel's GRID_AXIS (looked up by the caller: hashing a kernel costs a
+    lock). A _tail_launch_config makes two: the whole blocks along the grid's axis, then the ragged ends
+    (fewer rows than a block per sequence) in TAIL_TILE-row tiles."""
     if "TAIL_TILE" not in cfg.kwargs:
-        return [(cdiv(n, cfg.kwargs[GRID_AXIS[kernel]]), cfg.kwargs, cfg.num_warps, cfg.num_stages)]
+        return [(cdiv(n, cfg.kwargs[grid_axis]), cfg.kwargs, cfg.num_warps, cfg.num_stages)]
     kwargs = {k: v for k, v in cfg.kwargs.items() if k not in TAIL_LAUNCH_KEYS}
-    block, tile = kwargs[GRID_AXIS[kernel]], cfg.kwargs["TAIL_TILE"]
+    block, tile = kwargs[grid_axis], cfg.kwargs["TAIL_TILE"]
     tail_rows = min(n, block - 1) if varlen else n % block
-    tail = dict(kwargs, TAIL_AFTER=block, **{GRID_AXIS[kernel]: tile, STREAM_AXIS[kernel]: cfg.kwargs["TAIL_STREAM"]})
+    stream_axis = "BLOCK_N" if grid_axis == "BLOCK_M" else "BLOCK_M"
+    tail = dict(kwargs, TAIL_AFTER=block, **{grid_axis: tile, stream_axis: cfg.kwargs["TAIL_STREAM"]})
     return [(n // block, dict(kwargs, FULL_BLOCKS_ONLY=True), cfg.num_warps, cfg.num_stages),
             (cdiv(tail_rows, tile), tail, cfg.kwargs["TAIL_WARPS"], 1)]
 
@@ -592,7 +594,7 @@ def _launch(kernel, tensor, n, programs_per_row, *args, **meta):
     grid_axis = GRID_AXIS[kernel]
 
     def launch(cfg):
-        for programs, constexprs, warps, stages in _launches(kernel, cfg, n, meta["VARLEN"]):
+        for programs, constexprs, warps, stages in _launches(grid_axis, cfg, n, meta["VARLEN"]):
             if programs:
                 kernel[(programs, programs_per_row)](*args, **meta, **constexprs, num_warps=warps, num_stages=stages)
 
@@ -772,7 +774,7 @@ def aot_specializations():
                     else:
                         chosen = {id(c): c for c in (candidates[0], heuristic)}.values()
                     for cfg in chosen:
-                        for _, constexprs, warps, stages in _launches(kernel, cfg, 197, varlen):
+                        for _, constexprs, warps, stages in _launches(GRID_AXIS[kernel], cfg, 197, varlen):
                             yield (kernel, _signature(kernel, pointer(dtype)), {**base, **extra, **constexprs},
                                    {"num_warps": warps, "num_stages": stages})
         yield (attention_bwd_delta_kernel, _signature(attention_bwd_delta_kernel, pointer(dtype)),

@@ -134,9 +134,10 @@ class ConvBnFusion:
             return "BatchNorm uses batch statistics (training mode): eager modules keep exact semantics"
         if x.dim() != 4:
             return f"input is {x.dim()}-D, not 4-D"
-        dtype = self.compute_dtype(x)
+        autocast = self.autocast_dtype(x)
+        dtype = autocast or x.dtype
         # Outside autocast eager conv2d refuses mixed dtypes; under it both are cast to the autocast dtype.
-        if self.autocast_dtype(x) is None and self.conv.weight.dtype != x.dtype:
+        if autocast is None and self.conv.weight.dtype != x.dtype:
             return f"input dtype {x.dtype} differs from the conv weight's {self.conv.weight.dtype}"
         if residual is not None and residual.dtype != dtype:
             return f"residual dtype {residual.dtype} differs from the compute dtype {dtype}"
