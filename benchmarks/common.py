@@ -70,7 +70,7 @@ def environment_info(device: torch.device) -> Dict[str, object]:
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "git_commit": git_commit(),
         "triton_interpret": os.environ.get("TRITON_INTERPRET"),
-        # launch options (FASTVISION_EXPERIMENTAL_LAUNCHES, _AUTOTUNE, ...) change what is measured
+        # launch options (FASTVISION_AUTOTUNE, _TUNING_CACHE, ...) change what is measured
         "fastvision_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("FASTVISION_")},
         # host time depends on it: compare host-bound numbers only across runs on the same CPU model
         "host_cpu": _cpu_model(),

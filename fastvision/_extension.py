@@ -14,7 +14,7 @@ _REBUILD_HINT = (
     "CUDA_HOME=/usr/local/cuda; FASTVISION_SKIP_CUDA=1 builds the C++ part only). "
     "Builds made with FASTVISION_SKIP_EXTENSION=1 have no extension at all.")
 
-_state = {"module": None, "error": None, "tried": False}
+_state = {"module": None, "error": None, "tried": False, "cuda": False}
 
 
 def load() -> Optional[ModuleType]:
@@ -23,6 +23,7 @@ def load() -> Optional[ModuleType]:
         _state["tried"] = True
         try:
             _state["module"] = importlib.import_module("fastvision._C")
+            _state["cuda"] = bool(_state["module"].built_with_cuda())
         except (ImportError, OSError) as exc:
             _state["error"] = f"{type(exc).__name__}: {exc}"
     return _state["module"]
@@ -50,8 +51,9 @@ def require_extension(op_name: str) -> ModuleType:
 
 
 def built_with_cuda() -> bool:
-    module = load()
-    return module is not None and module.built_with_cuda()
+    """Read once at load: a call into the pybind module would break torch.compile's graph."""
+    load()
+    return _state["cuda"]
 
 
 def register_fake(qualname: str):

@@ -119,36 +119,6 @@ def test_short_ragged_end_either_way(device, N, block, split_tail, monkeypatch):
     assert_close(rows, ((q @ k.transpose(-2, -1)) * 0.125).softmax(-1)[:, :, :3], torch.float16, name="rows")
 
 
-def _two_launch_configs():
-    from fastvision.triton_kernels import attention as kernels
-    lists = {"fwd": kernels.EXPERIMENTAL_FWD_CONFIGS, "dkdv": kernels.EXPERIMENTAL_DKDV_CONFIGS,
-             "dq": kernels.EXPERIMENTAL_DQ_CONFIGS}
-    return [pytest.param(c, id=f"{name}{i}") for name, configs in lists.items() for i, c in enumerate(configs)]
-
-
-@pytest.mark.parametrize("device", kernel_devices())
-@pytest.mark.parametrize("cfg", _two_launch_configs())
-@pytest.mark.parametrize("N", [1, 37, 145, 197, 128])
-def test_two_launch_kernels_match_float64(device, cfg, N, monkeypatch):
-    """The experimental two-launch option (_tail_launch_config), each configuration run by all three
-    kernels: whole blocks, then the ragged end in small tiles (query rows forward and for dq, key rows for
-    dk/dv). N with no whole block (1, 37), a 17- and a 5-row end, none (128); a bias with a fully masked
-    row, CLS attention rows, gradients."""
-    from fastvision.triton_kernels import attention as kernels
-
-    monkeypatch.setattr(kernels, "forced_config", cfg)
-    bias = randn(1, 2, N, N, std=2.0)
-    bias[:, 1, N // 2] = float("-inf")
-    inputs = _qkv(1, 2, N, 64, torch.float16, device, packed=True)
-    out, rows = _fused(inputs, 0.125, attn_bias=bias.to(device), return_attn_rows=3)
-    q, k, v = _as_heads(float64_copies(*inputs))
-    probs = ((q @ k.transpose(-2, -1)) * 0.125 + bias.double()).softmax(-1)
-    assert_close(out.transpose(1, 2), probs @ v, torch.float16, name="output")
-    assert_close(rows, probs[:, :, :3], torch.float16, name="rows")
-    bias[:, 1, N // 2] = 0.0  # gradients: every row with a key (the backward reads the forward's lse)
-    _check(inputs, torch.float16, bias=bias.to(device))
-
-
 @pytest.mark.parametrize("device", kernel_devices())
 @pytest.mark.parametrize("N", [37, 197])
 def test_bf16_large_logits_no_worse_than_eager(device, N):
@@ -367,9 +337,7 @@ def test_attention_compiles_fullgraph(device):
 def test_every_autotune_config_is_correct(kernel, monkeypatch):
     from fastvision.triton_kernels import attention as kernels
 
-    configs = {"fwd": kernels.FWD_CONFIGS + kernels.EXPERIMENTAL_FWD_CONFIGS,
-               "dkdv": kernels.DKDV_CONFIGS + kernels.EXPERIMENTAL_DKDV_CONFIGS,
-               "dq": kernels.DQ_CONFIGS + kernels.EXPERIMENTAL_DQ_CONFIGS}[kernel]
+    configs = {"fwd": kernels.FWD_CONFIGS, "dkdv": kernels.DKDV_CONFIGS, "dq": kernels.DQ_CONFIGS}[kernel]
     for cfg in configs:
         monkeypatch.setattr(kernels, "forced_config", cfg)
         for d, dtype in ((80, torch.float16), (64, torch.bfloat16)):

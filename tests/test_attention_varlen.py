@@ -54,21 +54,17 @@ def test_varlen_matches_float64_per_sequence(device, lengths, dtype, d):
 
 
 @pytest.mark.parametrize("device", kernel_devices())
-@pytest.mark.parametrize("layout", ["one_masked_block", "tail_tiles", "two_launches"])
-def test_varlen_short_ends_every_way(device, layout, monkeypatch):
+@pytest.mark.parametrize("split_tail", [False, True], ids=["one_masked_block", "tail_tiles"])
+def test_varlen_short_ends_either_way(device, split_tail, monkeypatch):
     """The one-launch layout (more than 4 runs of equal lengths) with 64-row blocks: each sequence's own
-    short end (1, 5 and 197 - 192 rows) in one masked block, in 16-row tiles, or in a second launch of
-    16-row tiles (the experimental _tail_launch_config); 37 and 50 rows fill more than half a block, one
-    masked block in the first two ways."""
+    short end (1, 5 and 197 - 192 rows) in one masked block or in 16-row tiles; 37 and 50 rows fill more
+    than half a block, one masked block either way."""
     from fastvision.triton_kernels import attention as kernels
 
-    if layout == "two_launches":
-        monkeypatch.setattr(kernels, "forced_config", kernels._tail_launch_config(64, 64, 4, 2, 16, 256, 4))
-    elif device == "cuda":
-        monkeypatch.setattr(kernels, "forced_config", kernels._config(64, 64, 4, 2, layout == "tail_tiles"))
+    if device == "cuda":
+        monkeypatch.setattr(kernels, "forced_config", kernels._config(64, 64, 4, 2, split_tail))
     else:
-        monkeypatch.setattr(kernels, "INTERPRETER_BLOCKS",
-                            {"BLOCK_M": 64, "BLOCK_N": 64, "SPLIT_TAIL": layout == "tail_tiles"})
+        monkeypatch.setattr(kernels, "INTERPRETER_BLOCKS", {"BLOCK_M": 64, "BLOCK_N": 64, "SPLIT_TAIL": split_tail})
     segments = ops.Segments.from_lengths((1, 5, 37, 50, 197), device=device)
     qkv = randn(segments.total, 3, 2, 64, dtype=torch.float16, device=device, requires_grad=True)
     _check(qkv, segments, torch.float16)

@@ -7,7 +7,6 @@ Scores are kept in base 2 (scale · log2 e) so the exponentials are exp2. Every 
 blocks unmasked, then the ragged end masked: one more full block when it fills more than half of
 one, else TAIL_BLOCK-wide blocks. The grid's blocks may do the same (SPLIT_TAIL, a tuned option): the
 program holding a short ragged end of the queries (of the keys for dk/dv) runs it in TAIL_BLOCK-row tiles.
-An experimental option (_tail_launch_config) moves that ragged end into a second launch instead.
 With N_ROWS > 0 the tile holding the first N_ROWS query rows also writes their softmax(s)
 (DINO's CLS attention maps) in a second sweep that reuses the final lse.
 
@@ -22,7 +21,6 @@ packed (B, N, 3, H, d) output of a qkv Linear is read in place. Head dims that a
 a power of two (80, 96) are padded to D_PAD inside the kernel with masked loads.
 """
 import math
-import os
 
 import torch
 import triton
@@ -191,21 +189,6 @@ def _fwd_tile(q_base, k_base, v_base, bias_base, o_base, lse_base, rows_base, st
                 tl.store(r_ptrs, p.to(rows_base.dtype.element_ty), mask=r_mask)
 
 
-@triton.jit
-def _launch_rows(pid, N, BLOCK: tl.constexpr, FULL_BLOCKS_ONLY: tl.constexpr, TAIL_AFTER: tl.constexpr):
-    """(first row of this program along the grid's axis, end of this launch's rows). A launch covers every
-    row in BLOCK-row tiles, or with FULL_BLOCKS_ONLY the whole blocks only, or with TAIL_AFTER > 0 the rows
-    past the last whole TAIL_AFTER block: the ragged end that a second launch runs in smaller tiles
-    (_tail_launch_config)."""
-    end = N
-    if FULL_BLOCKS_ONLY:
-        end = (N // BLOCK) * BLOCK
-    first = 0
-    if TAIL_AFTER > 0:
-        first = (N // TAIL_AFTER) * TAIL_AFTER
-    return first + pid * BLOCK, end
-
-
 @triton.jit(do_not_specialize=["N"])
 def attention_fwd_kernel(
     Q, K, V, Bias, O, LSE, Rows, CuSeqlens,
@@ -214,14 +197,14 @@ def attention_fwd_kernel(
     stride_lb, stride_lh, H, N, scale_log2, bias_mult,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT_TAIL: tl.constexpr, HAS_BIAS: tl.constexpr, N_ROWS: tl.constexpr, PRECISION: tl.constexpr,
-    VARLEN: tl.constexpr, FULL_BLOCKS_ONLY: tl.constexpr = False, TAIL_AFTER: tl.constexpr = 0,
+    VARLEN: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b, h, start, N = _sequence(pid_bh, H, N, CuSeqlens, VARLEN)
-    start_m, end_m = _launch_rows(pid_m, N, BLOCK_M, FULL_BLOCKS_ONLY, TAIL_AFTER)
+    start_m = pid_m * BLOCK_M
     # A query block past the end of a short packed sequence has nothing to do.
-    if start_m < end_m:
+    if start_m < N:
         q_base, k_base, v_base, bias_base, lse_base = _head_bases(
             Q, K, V, Bias, LSE, b, h, start, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
             stride_vb, stride_vh, stride_vn, stride_bb, stride_bh, stride_lb, stride_lh)
@@ -329,13 +312,12 @@ def attention_bwd_dkdv_kernel(
     stride_lb, stride_lh, H, N, scale, scale_log2, bias_mult,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT_TAIL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, VARLEN: tl.constexpr,
-    FULL_BLOCKS_ONLY: tl.constexpr = False, TAIL_AFTER: tl.constexpr = 0,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b, h, start, N = _sequence(pid_bh, H, N, CuSeqlens, VARLEN)
-    start_n, end_n = _launch_rows(pid_n, N, BLOCK_N, FULL_BLOCKS_ONLY, TAIL_AFTER)
-    if start_n < end_n:
+    start_n = pid_n * BLOCK_N
+    if start_n < N:
         q_base, k_base, v_base, bias_base, lse_base = _head_bases(
             Q, K, V, Bias, LSE, b, h, start, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
             stride_vb, stride_vh, stride_vn, stride_bb, stride_bh, stride_lb, stride_lh)
@@ -413,13 +395,12 @@ def attention_bwd_dq_kernel(
     stride_lb, stride_lh, H, N, scale, scale_log2, bias_mult,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT_TAIL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, VARLEN: tl.constexpr,
-    FULL_BLOCKS_ONLY: tl.constexpr = False, TAIL_AFTER: tl.constexpr = 0,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b, h, start, N = _sequence(pid_bh, H, N, CuSeqlens, VARLEN)
-    start_m, end_m = _launch_rows(pid_m, N, BLOCK_M, FULL_BLOCKS_ONLY, TAIL_AFTER)
-    if start_m < end_m:
+    start_m = pid_m * BLOCK_M
+    if start_m < N:
         q_base, k_base, v_base, bias_base, lse_base = _head_bases(
             Q, K, V, Bias, LSE, b, h, start, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
             stride_vb, stride_vh, stride_vn, stride_bb, stride_bh, stride_lb, stride_lh)
@@ -473,33 +454,6 @@ DQ_CONFIGS = [
     _config(32, 64, 4, 2),
     _config(64, 64, 4, 2, True), _config(32, 64, 4, 2, True),
 ]
-
-
-def _tail_launch_config(block_m, block_n, warps, stages, tail_tile, tail_stream, tail_warps):
-    """A kernel in two launches (_launches): the whole blocks along the grid's axis (queries forward and
-    for dq, keys for dk/dv), with no ragged-end code in that kernel, then each sequence's last rows in
-    tail_tile-row tiles streaming the other axis in tail_stream blocks. In one launch the program holding
-    N = 197's last 5 rows costs as much as a full one."""
-    cfg = _config(block_m, block_n, warps, stages)
-    cfg.kwargs.update(TAIL_TILE=tail_tile, TAIL_STREAM=tail_stream, TAIL_WARPS=tail_warps)
-    return cfg
-
-
-TAIL_LAUNCH_KEYS = ("TAIL_TILE", "TAIL_STREAM", "TAIL_WARPS")
-# Not offered to the tuner unless FASTVISION_EXPERIMENTAL_LAUNCHES=1: compiled for sm_80 / sm_90 and
-# checked on the interpreter here, not yet run or timed on a GPU. Each main launch is the best plain
-# candidate at N = 197 on the H100 (cafbfa6) without its tail; 256-wide streams take N ≤ 256 in one block.
-EXPERIMENTAL_FWD_CONFIGS = [
-    _tail_launch_config(64, 64, 4, 3, 16, 256, 4), _tail_launch_config(128, 32, 4, 3, 16, 256, 4),
-    _tail_launch_config(64, 64, 4, 3, 16, 64, 4), _tail_launch_config(64, 64, 4, 3, 32, 128, 4),
-]
-EXPERIMENTAL_DKDV_CONFIGS = [
-    _tail_launch_config(64, 64, 4, 2, 16, 256, 4), _tail_launch_config(32, 64, 4, 2, 16, 64, 4),
-    _tail_launch_config(32, 128, 4, 2, 16, 256, 4),
-]
-EXPERIMENTAL_DQ_CONFIGS = [
-    _tail_launch_config(64, 64, 4, 2, 16, 256, 4), _tail_launch_config(64, 64, 4, 2, 16, 64, 4),
-]
 SMALLEST_CONFIG = _config(16, 32, 4, 1)
 DELTA_BLOCK_M = 64
 # Under sm_80's 163 KB (sm_90 has 227 KB), with room for the compiler's own scratch.
@@ -517,18 +471,14 @@ def tuning_class(n: int) -> int:
 
 
 def shared_memory_estimate(kernel, cfg, d_pad: int, element_bytes: int) -> int:
-    """Bytes of shared memory: tiles held for the whole program plus num_stages copies of the streamed ones
-    (the larger launch of a two-launch configuration)."""
-    def estimate(bm, bn, stages):
-        resident, streamed = {
-            attention_fwd_kernel: (bm, 2 * bn),          # q; k and v blocks
-            attention_bwd_dkdv_kernel: (2 * bn, 2 * bm),  # k, v; q and dO blocks
-            attention_bwd_dq_kernel: (2 * bm, 2 * bn),    # q, dO; k and v blocks
-        }[kernel]
-        return (resident + stages * streamed) * d_pad * element_bytes
-
-    launches = _launches(GRID_AXIS[kernel], cfg, 4096, False)
-    return max(estimate(c["BLOCK_M"], c["BLOCK_N"], stages) for _, c, _, stages in launches)
+    """Bytes of shared memory: tiles held for the whole program plus num_stages copies of the streamed ones."""
+    bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+    resident, streamed = {
+        attention_fwd_kernel: (bm, 2 * bn),          # q; k and v blocks
+        attention_bwd_dkdv_kernel: (2 * bn, 2 * bm),  # k, v; q and dO blocks
+        attention_bwd_dq_kernel: (2 * bm, 2 * bn),    # q, dO; k and v blocks
+    }[kernel]
+    return (resident + cfg.num_stages * streamed) * d_pad * element_bytes
 
 
 def leaves_short_tail(kernel, cfg, n: int) -> bool:
@@ -544,8 +494,6 @@ def candidate_configs(kernel, n: int, d_pad: int, element_bytes: int):
     fits = [c for c in CONFIGS[kernel]
             if c.kwargs["BLOCK_M"] <= limit and c.kwargs["BLOCK_N"] <= max(limit, 32)
             and (not c.kwargs["SPLIT_TAIL"] or leaves_short_tail(kernel, c, n))
-            and ("TAIL_TILE" not in c.kwargs
-                 or (n % c.kwargs[GRID_AXIS[kernel]] and c.kwargs["TAIL_STREAM"] <= max(limit, 32)))
             and shared_memory_estimate(kernel, c, d_pad, element_bytes) <= SHARED_MEMORY_BUDGET]
     return fits or [SMALLEST_CONFIG]
 
@@ -558,13 +506,8 @@ def heuristic_config(kernel, n: int, head_dim: int, d_pad: int, element_bytes: i
     return candidates[0]
 
 
-EXPERIMENTAL_LAUNCHES = os.environ.get("FASTVISION_EXPERIMENTAL_LAUNCHES") == "1"
-EXPERIMENTAL_CONFIGS = {attention_fwd_kernel: EXPERIMENTAL_FWD_CONFIGS,
-                        attention_bwd_dkdv_kernel: EXPERIMENTAL_DKDV_CONFIGS,
-                        attention_bwd_dq_kernel: EXPERIMENTAL_DQ_CONFIGS}
-CONFIGS = {kernel: configs + (EXPERIMENTAL_CONFIGS[kernel] if EXPERIMENTAL_LAUNCHES else [])
-           for kernel, configs in ((attention_fwd_kernel, FWD_CONFIGS), (attention_bwd_dkdv_kernel, DKDV_CONFIGS),
-                                   (attention_bwd_dq_kernel, DQ_CONFIGS))}
+CONFIGS = {attention_fwd_kernel: FWD_CONFIGS, attention_bwd_dkdv_kernel: DKDV_CONFIGS,
+           attention_bwd_dq_kernel: DQ_CONFIGS}
 # The block the grid tiles N by: query rows forward and for dq, key rows for dk/dv; the other one streams.
 GRID_AXIS = {attention_fwd_kernel: "BLOCK_M", attention_bwd_dkdv_kernel: "BLOCK_N",
              attention_bwd_dq_kernel: "BLOCK_M"}
@@ -573,30 +516,13 @@ forced_config = None
 _HEURISTIC = {}  # (kernel name, n, head dim, padded head dim, element bytes) -> heuristic_config
 
 
-def _launches(grid_axis: str, cfg, n: int, varlen: bool):
-    """The launches of one configuration over n rows, each (programs along N, constexprs, num_warps,
-    num_stages); ``grid_axis``: the kernel's GRID_AXIS (looked up by the caller: hashing a kernel costs a
-    lock). A _tail_launch_config makes two: the whole blocks along the grid's axis, then the ragged ends
-    (fewer rows than a block per sequence) in TAIL_TILE-row tiles."""
-    if "TAIL_TILE" not in cfg.kwargs:
-        return [(cdiv(n, cfg.kwargs[grid_axis]), cfg.kwargs, cfg.num_warps, cfg.num_stages)]
-    kwargs = {k: v for k, v in cfg.kwargs.items() if k not in TAIL_LAUNCH_KEYS}
-    block, tile = kwargs[grid_axis], cfg.kwargs["TAIL_TILE"]
-    tail_rows = min(n, block - 1) if varlen else n % block
-    stream_axis = "BLOCK_N" if grid_axis == "BLOCK_M" else "BLOCK_M"
-    tail = dict(kwargs, TAIL_AFTER=block, **{grid_axis: tile, stream_axis: cfg.kwargs["TAIL_STREAM"]})
-    return [(n // block, dict(kwargs, FULL_BLOCKS_ONLY=True), cfg.num_warps, cfg.num_stages),
-            (cdiv(tail_rows, tile), tail, cfg.kwargs["TAIL_WARPS"], 1)]
-
-
 def _launch(kernel, tensor, n, programs_per_row, *args, **meta):
     """Grid: (blocks along N, B*H). Timed, forced or heuristic blocks on CUDA; fixed in the interpreter."""
     grid_axis = GRID_AXIS[kernel]
 
     def launch(cfg):
-        for programs, constexprs, warps, stages in _launches(grid_axis, cfg, n, meta["VARLEN"]):
-            if programs:
-                kernel[(programs, programs_per_row)](*args, **meta, **constexprs, num_warps=warps, num_stages=stages)
+        grid = (cdiv(n, cfg.kwargs[grid_axis]), programs_per_row)
+        kernel[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     if tensor.device.type != "cuda" and forced_config is None:
         blocks = INTERPRETER_BLOCKS if n <= 1024 else INTERPRETER_LONG_BLOCKS
@@ -762,20 +688,16 @@ def aot_specializations():
                 base = dict(HEAD_DIM=d, D_PAD=d_pad, HAS_BIAS=has_bias, PRECISION=dot_precision(dtype, True),
                             VARLEN=varlen)
                 for kernel in CONFIGS:
-                    extra = {"FULL_BLOCKS_ONLY": False, "TAIL_AFTER": 0}
-                    if kernel is attention_fwd_kernel:
-                        extra["N_ROWS"] = 1
+                    extra = {"N_ROWS": 1} if kernel is attention_fwd_kernel else {}
                     candidates = candidate_configs(kernel, 4096, d_pad, element_bytes)
                     heuristic = heuristic_config(kernel, 4096, d, d_pad, element_bytes)
                     if main_case:  # and the split-tail ones, which N = 785 and 197 leave short ends for
-                        chosen = {id(c): c for n in (4096, 785, 197) for c in candidate_configs(kernel, n, d_pad, 2)}
-                        chosen.update((id(c), c) for c in EXPERIMENTAL_CONFIGS[kernel])
-                        chosen = chosen.values()
+                        chosen = {id(c): c for n in (4096, 785, 197)
+                                  for c in candidate_configs(kernel, n, d_pad, 2)}.values()
                     else:
                         chosen = {id(c): c for c in (candidates[0], heuristic)}.values()
                     for cfg in chosen:
-                        for _, constexprs, warps, stages in _launches(GRID_AXIS[kernel], cfg, 197, varlen):
-                            yield (kernel, _signature(kernel, pointer(dtype)), {**base, **extra, **constexprs},
-                                   {"num_warps": warps, "num_stages": stages})
+                        options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+                        yield kernel, _signature(kernel, pointer(dtype)), {**base, **extra, **cfg.kwargs}, options
         yield (attention_bwd_delta_kernel, _signature(attention_bwd_delta_kernel, pointer(dtype)),
                dict(HEAD_DIM=80, D_PAD=128, BLOCK_M=DELTA_BLOCK_M, VARLEN=False), {"num_warps": 4})
