@@ -166,6 +166,22 @@ def test_train_step_identical_to_eager(name):
 
 
 @needs_extension
+def test_conv_geometry_changed_after_patching_is_followed():
+    """The op's stride/padding arguments are cached per chain: a conv changed in place after patching
+    (and after a first forward) is computed with its new geometry, as eager would."""
+    model = make("resnet18").eval()
+    patched = fastvision.patch(copy.deepcopy(model))
+    x = images()
+    with torch.no_grad():
+        patched(x)
+        for m in (model, patched):
+            m.layer2[0].conv1.stride = (1, 1)
+            m.layer2[0].downsample[0].stride = (1, 1)
+        out, ref = patched(x), model.double()(x.double())
+    assert_close(out, ref, torch.float32)
+
+
+@needs_extension
 def test_frozen_bn_training_gradients_match_float64():
     model = make("resnet18").train()
     for m in model.modules():

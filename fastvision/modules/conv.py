@@ -74,6 +74,7 @@ class ConvBnFusion:
     def __init__(self, conv: nn.Conv2d, bn: nn.Module):
         self.conv, self.bn = conv, bn
         self._cache: Optional[Tuple[tuple, Tensor, Tensor]] = None
+        self._conv_args_of: Optional[tuple] = None
 
     def invalidate(self) -> None:
         self._cache = None
@@ -86,9 +87,13 @@ class ConvBnFusion:
             y = y + residual
         return torch.relu(y) if relu else y
 
-    def _conv_args(self):
+    def _conv_args(self) -> Tuple[List[int], List[int], List[int], int]:
+        """(stride, padding, dilation, groups) as the op takes them, rebuilt only if the conv's change."""
         c = self.conv
-        return dict(stride=tuple(c.stride), padding=tuple(c.padding), dilation=tuple(c.dilation), groups=c.groups)
+        source = (c.stride, c.padding, c.dilation, c.groups)
+        if self._conv_args_of is None or self._conv_args_of[0] != source:
+            self._conv_args_of = (source, (list(c.stride), list(c.padding), list(c.dilation), c.groups))
+        return self._conv_args_of[1]
 
     def frozen_affine(self, acc: torch.dtype) -> Tuple[Tensor, Tensor]:
         """(scale, shift) of eval-mode BN (and the conv bias), differentiable in the BN affine."""
@@ -111,8 +116,8 @@ class ConvBnFusion:
             return self._fold(dtype, memory_format)
         conv, bn = self.conv, self.bn
         sources = (conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias)
-        key = (dtype, memory_format, float(bn.eps)) + tuple(
-            None if t is None else (t._version, t.data_ptr(), t.device) for t in sources)
+        key = (dtype, memory_format, bn.eps, sources[0].device,
+               *[None if t is None else (t._version, t.data_ptr()) for t in sources])
         if self._cache is None or self._cache[0] != key:
             self._cache = (key,) + self._fold(dtype, memory_format)
         return self._cache[1], self._cache[2]
@@ -164,10 +169,10 @@ class ConvBnFusion:
         x = x.to(dtype)
         if self._needs_grad(x):
             scale, shift = self.frozen_affine(ops_common.accumulator_dtype(dtype))
-            return ops.conv_bn_act(x, self.conv.weight.to(dtype), scale, shift, residual, relu=relu,
-                                   **self._conv_args())
+            return conv_ops.conv_bn_act_unchecked(x, self.conv.weight.to(dtype), scale, shift, residual,
+                                                  self._conv_args(), relu)
         weight, bias = self.folded(dtype, conv_ops.output_memory_format(x))
-        return ops.conv_bn_act(x, weight, None, bias, residual, relu=relu, **self._conv_args())
+        return conv_ops.conv_bn_act_unchecked(x, weight, None, bias, residual, self._conv_args(), relu)
 
 
 def _fusions_of(module: nn.Module) -> Dict[Tuple[str, str], ConvBnFusion]:

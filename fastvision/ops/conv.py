@@ -7,7 +7,7 @@ statistics, trainable affine) is ``scale = gamma/sqrt(var+eps), shift = beta - m
 The epilogue runs in float32 (float64 for float64 inputs) over the conv's output in one pass.
 Without fastvision._C, or for inputs the op does not support, the same math runs in eager torch.
 """
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -167,3 +167,12 @@ def conv_bn_act(x: Tensor, weight: Tensor, scale: Optional[Tensor] = None, shift
         return conv_bn_act_reference(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu)
     return torch.ops.fastvision.conv_bn_act(x, weight, scale, shift, residual, list(stride), list(padding),
                                             list(dilation), groups, relu)
+
+
+def conv_bn_act_unchecked(x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
+                          residual: Optional[Tensor], conv_args: Tuple[List[int], List[int], List[int], int],
+                          relu: bool) -> Tensor:
+    """conv_bn_act for a caller that got None from conv_bn_act_decline and cast every tensor to x's dtype:
+    straight to the registered op, whose C++ checks shapes and devices. conv_args: (stride, padding,
+    dilation, groups). A patched ResNet makes 53 such calls per step, where the host time counts."""
+    return torch.ops.fastvision.conv_bn_act(x, weight, scale, shift, residual, *conv_args, relu)
