@@ -8,7 +8,11 @@ its rate is TFLOP/s (4*B*H*N^2*d forward, 2.5x that backward) as a fraction of t
 ceiling. The memory-bound ops (LayerNorm, residual + LayerNorm, softmax, GELU, bias + GELU) run over
 ViT-S/B/L widths and B*197 tokens; their rate is GB/s (each input read once, each output written
 once) as a fraction of the device-to-device copy ceiling. The DINO loss runs over a DINO step's head
-outputs (B=64 images per GPU, 2 global + 10 local crops, K=65536), also in GB/s. Before a case is
+outputs (B=64 images per GPU, 2 global + 10 local crops, K=65536), also in GB/s. conv_bn_act runs
+over ResNet-50's layer shapes at batch 32, channels_last: forward with the BatchNorm folded (inference)
+against eager conv + BN + (residual +) ReLU, eager's conv with the folded weights and torch.compile of
+eager; forward + backward with eval-mode statistics and a trainable affine (frozen BN); TFLOP/s of the
+convolution. Before a case is
 timed, fastvision's output (and gradients, for fwd+bwd) is compared with a float32 reference; a case
 that fails is not timed.
 Writes DIR/micro.json and DIR/micro.png (speedup of fastvision over each baseline, per op).
@@ -30,7 +34,7 @@ import torch.nn.functional as F
 from . import common
 
 OPS = ("attention", "attention_qkvpacked", "attention_varlen", "layer_norm", "add_layer_norm", "softmax", "gelu",
-       "bias_gelu", "dino_loss")
+       "bias_gelu", "dino_loss", "conv_bn_act")
 MODES = ("fwd", "fwd+bwd")
 EPS = 1e-6
 TOKENS_PER_IMAGE = 197  # ViT /16 at 224 px with the CLS token
@@ -364,6 +368,94 @@ def dino_loss_cases(args, device, dtype) -> List[Case]:
     return cases
 
 
+# --------------------------------------------------------------------------- conv + BN (+ residual) + ReLU
+
+# ResNet-50 layers: name -> (in channels, out channels, kernel, stride, input size, adds the residual)
+RESNET50_LAYERS = {
+    "stem_7x7s2": (3, 64, 7, 2, 224, False),
+    "l1_conv1_1x1": (256, 64, 1, 1, 56, False),
+    "l1_conv2_3x3": (64, 64, 3, 1, 56, False),
+    "l1_conv3_1x1+res": (64, 256, 1, 1, 56, True),
+    "l2_conv2_3x3s2": (128, 128, 3, 2, 56, False),
+    "l3_conv1_1x1": (1024, 256, 1, 1, 14, False),
+    "l3_conv3_1x1+res": (256, 1024, 1, 1, 14, True),
+    "l4_conv2_3x3": (512, 512, 3, 1, 7, False),
+}
+BN_EPS = 1e-5
+
+
+def _conv_out(size: int, k: int, stride: int) -> int:
+    return (size + 2 * (k // 2) - k) // stride + 1
+
+
+def eager_conv_bn_relu(x, w, gamma, beta, mean, var, w_folded, b_folded, res=None, *, stride=1):
+    y = F.batch_norm(F.conv2d(x, w, None, stride, w.shape[-1] // 2), mean, var, gamma, beta, False, 0.0, BN_EPS)
+    return F.relu(y if res is None else y + res)
+
+
+def eager_folded_conv_relu(x, w, gamma, beta, mean, var, w_folded, b_folded, res=None, *, stride=1):
+    y = F.conv2d(x, w_folded, b_folded.to(x.dtype), stride, w.shape[-1] // 2)
+    return F.relu(y if res is None else y + res)
+
+
+def _ours_conv_bn_act(mode: str, stride: int) -> Tuple[Optional[Callable], Optional[str]]:
+    """Folded weights for inference; eval-mode statistics with a differentiable affine (ConvBnFusion's
+    frozen-BN path) when gradients are wanted."""
+    op, error = _fastvision_op("conv_bn_act")
+    if op is None:
+        return None, error
+
+    def folded(x, w, gamma, beta, mean, var, w_folded, b_folded, res=None):
+        return op(x, w_folded, None, b_folded, res, stride, w.shape[-1] // 2, 1, 1, relu=True)
+
+    def frozen(x, w, gamma, beta, mean, var, w_folded, b_folded, res=None):
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        scale = gamma.to(acc) * torch.rsqrt(var.to(acc) + BN_EPS)
+        shift = beta.to(acc) - mean.to(acc) * scale
+        return op(x, w, scale, shift, res, stride, w.shape[-1] // 2, 1, 1, relu=True)
+
+    return (folded if mode == "fwd" else frozen), None
+
+
+def conv_bn_act_cases(args, device, dtype) -> List[Case]:
+    layers = {"tiny_3x3+res": (4, 8, 3, 1, 6, True)} if args.smoke else RESNET50_LAYERS
+    batch = 2 if args.smoke else 32
+    cases = []
+    for mode, (name, (c_in, c_out, k, stride, size, adds)) in itertools.product(MODES, layers.items()):
+        ours, ours_error = _ours_conv_bn_act(mode, stride)
+        out_size = _conv_out(size, k, stride)
+        flops = 2 * batch * c_out * out_size ** 2 * c_in * k * k * (3 if mode == "fwd+bwd" else 1)
+
+        def make(c_in=c_in, c_out=c_out, k=k, size=size, out_size=out_size, adds=adds):
+            def channels_last(t):
+                return t.contiguous(memory_format=torch.channels_last)
+
+            x = channels_last(torch.randn(batch, c_in, size, size, device=device, dtype=dtype))
+            w = channels_last(torch.randn(c_out, c_in, k, k, device=device) / math.sqrt(c_in * k * k))
+            gamma, beta = 1 + 0.2 * torch.randn(c_out, device=device), 0.2 * torch.randn(c_out, device=device)
+            mean, var = 0.2 * torch.randn(c_out, device=device), 0.5 + torch.rand(c_out, device=device)
+            scale = gamma * torch.rsqrt(var + BN_EPS)
+            w_folded = channels_last(w * scale.view(-1, 1, 1, 1)).to(dtype)
+            b_folded = beta - mean * scale
+            inputs = [x, w.to(dtype), gamma.to(dtype), beta.to(dtype), mean.to(dtype), var.to(dtype), w_folded,
+                      b_folded]
+            if adds:  # the residual, last: the callables take it as an optional argument
+                inputs.append(channels_last(torch.randn(batch, c_out, out_size, out_size, device=device, dtype=dtype)))
+            return inputs
+
+        eager = functools.partial(eager_conv_bn_relu, stride=stride)
+        baselines = {"eager": eager}
+        if mode == "fwd":
+            baselines["eager_folded"] = functools.partial(eager_folded_conv_relu, stride=stride)
+        cases.append(Case(
+            op="conv_bn_act", mode=mode, params=dict(layer=name, B=batch, C_in=c_in, C_out=c_out, k=k, stride=stride,
+                                                     size=size, residual=adds),
+            x=batch * out_size ** 2, panel=f"conv_bn_act {mode}", series="", make_inputs=make,
+            differentiable=(0, 1, 2, 3), reference=eager, ours=ours, ours_error=ours_error, baselines=baselines,
+            work=flops, unit="TFLOP/s"))
+    return cases
+
+
 # --------------------------------------------------------------------------- compile baselines
 
 def wants_compile(case: Case, policy: str, first_head_dim: int) -> bool:
@@ -377,6 +469,8 @@ def wants_compile(case: Case, policy: str, first_head_dim: int) -> bool:
         return False
     if case.op == "dino_loss":
         return True
+    if case.op == "conv_bn_act":
+        return case.params["layer"] in ("l1_conv3_1x1+res", "l3_conv1_1x1")
     return case.params["width"] == 768 and case.params["B"] == 256
 
 
@@ -580,6 +674,7 @@ def build_cases(args, device, dtype) -> List[Case]:
     attention += attention_varlen_cases(args, device, dtype) if "attention_varlen" in args.ops else []
     memory = memory_cases(args, device, dtype)
     memory += dino_loss_cases(args, device, dtype) if "dino_loss" in args.ops else []
+    memory += conv_bn_act_cases(args, device, dtype) if "conv_bn_act" in args.ops else []
     if not args.smoke:
         add_compile_baselines(attention + memory, args.compile, args.head_dims[0])
     groups = [[c for c in attention + memory if c.op == op] for op in OPS]
@@ -593,6 +688,8 @@ def shape_label(record) -> str:
             f" H{p['H']} d{p['d']}"
     if record["op"].startswith("attention"):
         return f"B{p['B']} H{p['H']} N{p['N']} d{p['d']}"
+    if record["op"] == "conv_bn_act":
+        return f"B{p['B']} {p['layer']} {p['C_in']}->{p['C_out']} {p['size']}px"
     return "x".join(str(s) for s in p["shape"])
 
 
@@ -704,7 +801,7 @@ def main(argv=None) -> Dict[str, object]:
                                              "speedup", "graph ms", "graph speedup", "rate", "% ceiling",
                                              "rel err"],
                        title=f"micro: {len(results)} cases in {budget.elapsed():.0f} s "
-                             f"(rate: TFLOP/s for attention, GB/s otherwise)")
+                             f"(rate: TFLOP/s for attention and conv_bn_act, GB/s otherwise)")
     return payload
 
 

@@ -39,7 +39,7 @@ def test_micro_smoke_writes_json_with_environment_and_ceilings(micro_run):
 def test_micro_smoke_checks_then_times_every_memory_bound_op(micro_run):
     _, payload = micro_run
     for r in payload["results"]:
-        if r["op"].startswith("attention") or r["op"] == "dino_loss":
+        if r["op"].startswith("attention") or r["op"] in ("dino_loss", "conv_bn_act"):
             continue
         assert r["status"] == "ok", r
         assert r["correctness"]["passed"] and r["correctness"]["rel_err"] <= common.tolerance(torch.float32)
@@ -66,6 +66,24 @@ def test_micro_smoke_dino_loss_is_checked_then_timed(micro_run):
         assert r["timings"]["fastvision"]["ms"] > 0 and r["timings"]["eager"]["ms"] > 0
         rows = {"fwd": 4 + 2, "fwd+bwd": 2 * (4 + 2) + 4}[r["mode"]]
         assert r["work"] == pytest.approx(rows * r["params"]["B"] * r["params"]["K"] * 4)
+
+
+def test_micro_smoke_conv_bn_act_is_checked_then_timed(micro_run):
+    """Folded (fwd) and frozen-BN (fwd+bwd) conv + BN + residual + ReLU against eager, in TFLOP/s of the conv."""
+    _, payload = micro_run
+    runs = {r["mode"]: r for r in payload["results"] if r["op"] == "conv_bn_act"}
+    assert set(runs) == {"fwd", "fwd+bwd"}
+    assert set(runs["fwd"]["timings"]) == {"fastvision", "eager", "eager_folded"}
+    for mode, r in runs.items():
+        assert r["status"] == "ok", r
+        assert r["correctness"]["passed"] and r["correctness"]["rel_err"] <= common.tolerance(torch.float32)
+        grads = [k for k in r["correctness"]["per_tensor"] if k.startswith("grad")]
+        assert len(grads) == (4 if mode == "fwd+bwd" else 0)  # x, weight, BN weight and bias
+        assert r["timings"]["fastvision"]["tflops"] > 0 and r["timings"]["eager"]["ms"] > 0
+        p = r["params"]
+        out = (p["size"] + 2 * (p["k"] // 2) - p["k"]) // p["stride"] + 1
+        flops = 2 * p["B"] * p["C_out"] * out * out * p["C_in"] * p["k"] ** 2
+        assert r["work"] == pytest.approx(flops * (3 if mode == "fwd+bwd" else 1))
 
 
 def test_micro_smoke_attention_is_timed_or_reported_missing(micro_run):
