@@ -112,7 +112,7 @@ def test_varlen_compiles_fullgraph(device):
 @pytest.mark.parametrize("device", kernel_devices())
 def test_patched_attention_module_takes_segments(device):
     """fastvision.modules.Attention on (1, T, C) packed tokens equals the module on each sequence."""
-    timm = pytest.importorskip("timm")
+    pytest.importorskip("timm")
     from timm.models.vision_transformer import Attention as TimmAttention
     from fastvision.modules import Attention
 
