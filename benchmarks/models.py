@@ -14,6 +14,7 @@ modules ran their eager fallback in its first step, and why (``declined_modules`
 import argparse
 import gc
 import os
+import statistics
 import sys
 import time
 from typing import Callable, Dict, List, Optional
@@ -146,10 +147,23 @@ def measure(name: str, variant: str, task: str, args, device, reference: Dict[st
     common.synchronize(device)
     elapsed = time.perf_counter() - start
     record.update(status="ok", iters=args.iters, ms_per_step=1e3 * elapsed / args.iters,
-                  img_per_s=batch * args.iters / elapsed)
+                  img_per_s=batch * args.iters / elapsed, host_ms_per_step=host_ms(step, device, min(args.iters, 5)))
     if device.type == "cuda":
         record["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     return record
+
+
+def host_ms(step: Callable, device: torch.device, steps: int) -> float:
+    """Median host time to issue one step with the GPU idle at its start: near ms_per_step, the step is
+    host-bound (the GPU waits on the Python), well under it, GPU-bound."""
+    times = []
+    for _ in range(steps):
+        common.synchronize(device)
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    common.synchronize(device)
+    return 1e3 * statistics.median(times)
 
 
 def compare_logits(record: Dict, variant: str, logits: torch.Tensor, reference: Dict[str, torch.Tensor]) -> None:
@@ -249,7 +263,7 @@ def main(argv=None) -> Dict[str, object]:
     payload.update(complete=True, elapsed_s=budget.elapsed())
     common.write_json(os.path.join(args.out, "models.json"), payload)
     common.print_table(results, ["model", "task", "variant", "batch", "status", "img_per_s", "speedup_vs_eager",
-                                 "ms_per_step", "peak_mem_gib", "first_step_s", "logits_rel_err_vs_eager", "declined",
+                                 "ms_per_step", "host_ms_per_step", "peak_mem_gib", "first_step_s", "logits_rel_err_vs_eager", "declined",
                                  "error"],
                        title=f"models: {len(results)} runs in {budget.elapsed():.0f} s (autocast {args.amp})")
     return payload

@@ -191,7 +191,8 @@ def main(argv=None) -> None:
     if models:
         print(f"models ({models['env'].get('device_name')}), {models['elapsed_s']:.0f} s")
         common.print_table(models["results"], ["model", "task", "variant", "batch", "status", "img_per_s",
-                                                "speedup_vs_eager", "peak_mem_gib", "first_step_s",
+                                                "speedup_vs_eager", "ms_per_step", "host_ms_per_step",
+                                                "peak_mem_gib", "first_step_s",
                                                 "logits_rel_err_vs_eager", "declined"])
         for r in models["results"]:
             if r.get("status") == "error":

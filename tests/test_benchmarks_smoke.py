@@ -165,6 +165,7 @@ def test_models_smoke(tmp_path):
     for r in runs.values():
         assert r["status"] == "ok", r
         assert r["img_per_s"] > 0 and r["first_step_s"] > 0 and r["model"] == models.SMOKE_MODEL
+        assert 0 < r["host_ms_per_step"] < 10 * r["ms_per_step"]  # on the CPU the host does all the work
         assert r["speedup_vs_eager"] == pytest.approx(r["img_per_s"] / runs[(r["task"], "eager")]["img_per_s"])
     assert runs[("infer", "patch")]["patched_modules"] > 0
     # every fused module ran its kernel in the step (the interpreter runs them on CPU)
