@@ -404,12 +404,13 @@ def _ours_conv_bn_act(mode: str, stride: int) -> Tuple[Optional[Callable], Optio
     op, error = _fastvision_op("conv_bn_act")
     if op is None:
         return None, error
+    from fastvision.ops._common import accumulator_dtype
 
     def folded(x, w, gamma, beta, mean, var, w_folded, b_folded, res=None):
         return op(x, w_folded, None, b_folded, res, stride, w.shape[-1] // 2, 1, 1, relu=True)
 
     def frozen(x, w, gamma, beta, mean, var, w_folded, b_folded, res=None):
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        acc = accumulator_dtype(x.dtype)
         scale = gamma.to(acc) * torch.rsqrt(var.to(acc) + BN_EPS)
         shift = beta.to(acc) - mean.to(acc) * scale
         return op(x, w, scale, shift, res, stride, w.shape[-1] // 2, 1, 1, relu=True)

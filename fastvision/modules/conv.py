@@ -112,21 +112,19 @@ class ConvBnFusion:
         """(weight, bias) with the BN folded in (float64 math), weight in ``dtype``, bias in float32/64.
 
         Cached on the sources' tensor versions; under torch.compile the fold is part of the graph instead."""
-        if is_compiling():
-            return self._fold(dtype, memory_format)
         conv, bn = self.conv, self.bn
         sources = (conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias)
+        if is_compiling():
+            return self._fold(sources, dtype, memory_format)
         key = (dtype, memory_format, bn.eps, sources[0].device,
                *[None if t is None else (t._version, t.data_ptr()) for t in sources])
         if self._cache is None or self._cache[0] != key:
-            self._cache = (key,) + self._fold(dtype, memory_format)
+            self._cache = (key,) + self._fold(sources, dtype, memory_format)
         return self._cache[1], self._cache[2]
 
-    def _fold(self, dtype: torch.dtype, memory_format: torch.memory_format) -> Tuple[Tensor, Tensor]:
-        conv, bn = self.conv, self.bn
+    def _fold(self, sources: tuple, dtype: torch.dtype, memory_format: torch.memory_format) -> Tuple[Tensor, Tensor]:
         with torch.no_grad():
-            weight, bias = ops.fold_batchnorm(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight,
-                                              bn.bias, float(bn.eps), out_dtype=torch.float64)
+            weight, bias = ops.fold_batchnorm(*sources, float(self.bn.eps), out_dtype=torch.float64)
         return (weight.to(dtype).contiguous(memory_format=memory_format),
                 bias.to(ops_common.accumulator_dtype(dtype)))
 

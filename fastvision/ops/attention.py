@@ -191,7 +191,8 @@ def attention_decline(q: Tensor, k: Optional[Tensor] = None, v: Optional[Tensor]
     d = q.shape[-1]
     return C.first_decline(
         C.device_decline(q), C.dtype_decline(q),
-        "float64 on CUDA (its gradcheck failed on an H100 with Triton 3.6, cause not yet known)"
+        "float64 on CUDA (the compiled kernels miss the float64 tolerance on an H100 with Triton 3.6, likely "
+        "because Triton passes the Python float scale arguments as fp32)"
         if q.is_cuda and q.dtype == torch.float64 else None,
         f"scale={scale} (the kernel needs a positive softmax scale)" if scale is not None and scale <= 0 else None,
         f"head dim {d} > {MAX_HEAD_DIM}" if d > MAX_HEAD_DIM else None,
