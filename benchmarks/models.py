@@ -263,8 +263,8 @@ def main(argv=None) -> Dict[str, object]:
     payload.update(complete=True, elapsed_s=budget.elapsed())
     common.write_json(os.path.join(args.out, "models.json"), payload)
     common.print_table(results, ["model", "task", "variant", "batch", "status", "img_per_s", "speedup_vs_eager",
-                                 "ms_per_step", "host_ms_per_step", "peak_mem_gib", "first_step_s", "logits_rel_err_vs_eager", "declined",
-                                 "error"],
+                                 "ms_per_step", "host_ms_per_step", "peak_mem_gib", "first_step_s",
+                                 "logits_rel_err_vs_eager", "declined", "error"],
                        title=f"models: {len(results)} runs in {budget.elapsed():.0f} s (autocast {args.amp})")
     return payload
 
