@@ -87,9 +87,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     s.add_argument("--mlp-recompute", action="store_true",
                    help="with --fastvision: recompute the MLPs' GELU outputs in the backward (less activation memory)")
     s.add_argument("--compile", action="store_true", help="torch.compile the backbones")
-    s.add_argument("--cuda-graph", action="store_true",
+    s.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="replay each step's forward/backward from a CUDA graph (new crop shapes capture again; "
-                        "under torchrun the gradients are all-reduced after each replay)")
+                        "under torchrun the gradients are all-reduced after each replay). Default: on with CUDA, "
+                        "where a ViT-S step is otherwise bound by the host's launch time (2.04x eager with the "
+                        "graph, 0.73x without, H100)")
     s.add_argument("--amp", choices=("bf16", "none"), default=None, help="default: bf16 on CUDA, none on CPU")
     k = p.add_argument_group("k-NN evaluation")
     k.add_argument("--knn-k", type=int, default=20)
@@ -116,6 +118,8 @@ def init_distributed(args) -> None:
     args.device = torch.device(f"cuda:{local_rank}" if wants_cuda else (args.device or "cpu"))
     if args.amp is None:
         args.amp = "bf16" if args.device.type == "cuda" else "none"
+    if args.cuda_graph is None:
+        args.cuda_graph = args.device.type == "cuda"
 
 
 def is_main(args) -> bool:
