@@ -230,6 +230,75 @@ def test_unpatch_restores_originals_and_patch_is_idempotent():
     assert all(restored[n] is originals[n] for n in originals)
 
 
+def sync_bn(model):
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+def count_sync_bn_calls(monkeypatch):
+    calls = []
+    forward = torch.nn.SyncBatchNorm.forward
+
+    def counting(self, x):
+        calls.append(self)
+        return forward(self, x)
+    monkeypatch.setattr(torch.nn.SyncBatchNorm, "forward", counting)
+    return calls
+
+
+def assert_train_and_eval_match(patched, ref, monkeypatch):
+    """Training: every SyncBatchNorm runs its own forward (statistics synchronised), outputs identical to the
+    eager model's; evaluation: the same as the float64 eager model."""
+    x = images(3)
+    calls = count_sync_bn_calls(monkeypatch)
+    out = patched.train()(x)
+    n_sync = sum(isinstance(m, torch.nn.SyncBatchNorm) for m in ref.modules())
+    assert len(calls) == n_sync, (len(calls), n_sync)
+    assert torch.equal(out, ref.train()(x))
+    with torch.no_grad():
+        out = patched.eval()(x)
+        assert_close(out, copy.deepcopy(ref).eval().double()(x.double()), torch.float32)
+
+
+@needs_extension
+@pytest.mark.parametrize("name", ("resnet18", "resnet50d"))
+def test_sync_batchnorm_resnets_fold_in_eval_and_sync_in_training(name, monkeypatch):
+    """DINO's ResNets train with SyncBatchNorm: k-NN, linear probe and inference fold it like BatchNorm2d."""
+    model = sync_bn(make(name))
+    patched = fastvision.patch(copy.deepcopy(model))
+    report = fastvision.patch_report(patched)
+    assert not report.skipped, report
+    assert report.counts()["resnet.block"] == sum(len(getattr(model, f"layer{i}")) for i in range(1, 5))
+    assert isinstance(patched.bn1, FoldedBatchNorm2d) and isinstance(patched.bn1, torch.nn.SyncBatchNorm)
+    assert list(patched.state_dict()) == list(model.state_dict())
+    assert_train_and_eval_match(patched, model, monkeypatch)
+    assert patched.layer1[0].why_not(torch.randn(2, 64, 16, 16)) is None
+
+
+@needs_extension
+@pytest.mark.parametrize("name", ("resnet18", "resnet50d"))
+def test_convert_sync_batchnorm_after_patch_refolds_the_stem(name, monkeypatch):
+    """DINO converts its models to SyncBatchNorm after building them. That replaces the stem's folded bn1
+    slot: applied after the fused conv, it normalised twice (eval output off by 0.13 before the fix)."""
+    model = make(name)
+    ref = sync_bn(copy.deepcopy(model))
+    patched = fastvision.patch(copy.deepcopy(model))
+    teacher = sync_bn(copy.deepcopy(patched))  # DINO's teacher: a copy, converted on its own
+    assert sync_bn(patched) is patched and type(patched.bn1) is torch.nn.SyncBatchNorm
+    assert_train_and_eval_match(patched, copy.deepcopy(ref), monkeypatch)
+    assert isinstance(patched.bn1, FoldedBatchNorm2d) and isinstance(patched.bn1, torch.nn.SyncBatchNorm)
+    assert_train_and_eval_match(teacher, copy.deepcopy(ref), monkeypatch)
+    assert list(patched.state_dict()) == list(ref.state_dict())
+    fastvision.unpatch(patched)
+    assert [type(m) for m in patched.modules()] == [type(m) for m in ref.modules()]
+
+
+def test_bn_slot_replaced_by_something_else_after_patch_raises():
+    patched = fastvision.patch(make("resnet18"))
+    patched.bn1 = torch.nn.Identity()
+    with pytest.raises(RuntimeError, match="bn1 was replaced by a Identity after fastvision.patch"):
+        patched(images())
+
+
 def test_patch_option_off_and_torchvision_resnet():
     model = make("resnet18")
     fastvision.patch(model, conv_bn=False)

@@ -107,6 +107,33 @@ def test_unpatch_restores_original_modules_and_double_patch_is_idempotent():
     assert all(restored[n] is originals[n] for n in originals)
 
 
+def test_modules_swapped_in_after_patching_stay_after_unpatch():
+    """An adapter put around a Linear of a patched block (LoRA-style) is used by the patched model and
+    is still there after unpatch, not the Linear the original block held before patching."""
+    class Adapted(torch.nn.Module):
+        def __init__(self, linear):
+            super().__init__()
+            self.linear = linear
+            self.delta = torch.nn.Linear(linear.in_features, linear.out_features, bias=False)
+
+        def forward(self, x):
+            return self.linear(x) + self.delta(x)
+
+    model = make_vit("vit_tiny_patch16_224")
+    reference = copy.deepcopy(model)
+    fastvision.patch(model)
+    for m in (model, reference):
+        torch.manual_seed(1)
+        m.blocks[1].attn.qkv = Adapted(m.blocks[1].attn.qkv)
+        m.blocks[0].mlp.fc2 = Adapted(m.blocks[0].mlp.fc2)
+    x = images(model)
+    with torch.no_grad():
+        assert_close(model(x), reference(x), torch.float32)
+    fastvision.unpatch(model)
+    assert [type(m) for m in model.modules()] == [type(m) for m in reference.modules()]
+    assert list(model.state_dict()) == list(reference.state_dict())
+
+
 def test_patch_options_switch_each_replacement_off():
     model = fastvision.patch(make_vit("vit_tiny_patch16_224"), attention=False, gelu=False,
                              fuse_residual_norm=False)

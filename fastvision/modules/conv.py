@@ -27,11 +27,14 @@ def is_plain_conv2d(m: nn.Module) -> bool:
 
 
 def is_batchnorm2d(m: nn.Module) -> bool:
-    """nn.BatchNorm2d (or a subclass keeping its forward), or a FrozenBatchNorm2d (torchvision / timm)."""
+    """nn.BatchNorm2d or nn.SyncBatchNorm (or a subclass keeping its forward), or a FrozenBatchNorm2d
+    (torchvision / timm). Evaluated with running statistics, SyncBatchNorm is BatchNorm2d; with batch
+    statistics its own forward runs (the chain declines), so its statistics stay synchronised."""
     if isinstance(m, FoldedBatchNorm2d):
         return True
-    if isinstance(m, nn.BatchNorm2d) and type(m).forward is nn.BatchNorm2d.forward:
-        return True
+    for cls in (nn.BatchNorm2d, nn.SyncBatchNorm):
+        if isinstance(m, cls) and type(m).forward is cls.forward:
+            return True
     return type(m).__name__ in _FROZEN_BN_CLASSES and all(hasattr(m, a) for a in ("running_mean", "running_var"))
 
 
@@ -261,11 +264,14 @@ class FoldedBatchNorm2d(nn.BatchNorm2d):
     """Stands in the slot of a BatchNorm whose work the fused conv before it does: forward is the identity.
 
     Holds the original BN's parameters and buffers under the same names (the same tensors);
-    ``batch_norm(x)`` is the original BatchNorm2d computation.
+    ``batch_norm(x)`` is the original BatchNorm2d computation. A SyncBatchNorm gets a
+    FoldedSyncBatchNorm, whose ``batch_norm`` is SyncBatchNorm's.
     """
 
     @classmethod
     def from_module(cls, bn: nn.BatchNorm2d) -> "FoldedBatchNorm2d":
+        if cls is FoldedBatchNorm2d and isinstance(bn, nn.SyncBatchNorm):
+            cls = FoldedSyncBatchNorm
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         _share_state(new, bn)
@@ -279,57 +285,103 @@ class FoldedBatchNorm2d(nn.BatchNorm2d):
         return nn.BatchNorm2d.forward(self, x)
 
 
-class FusedConv2d(_FusionOwner, nn.Conv2d):
+class FoldedSyncBatchNorm(FoldedBatchNorm2d, nn.SyncBatchNorm):
+    """FoldedBatchNorm2d of a SyncBatchNorm: still a SyncBatchNorm, and with batch statistics (training)
+    its computation is SyncBatchNorm's, statistics reduced over the process group as before."""
+
+    def batch_norm(self, x: Tensor) -> Tensor:
+        return nn.SyncBatchNorm.forward(self, x)
+
+
+class _FoldsSlotBatchNorm:
+    """Mixin of a module computing the BatchNorm of a slot of its parent (the ResNet stem's ``bn1``), which
+    holds a FoldedBatchNorm2d. A tool that swaps BatchNorm modules after patching replaces that slot
+    (``nn.SyncBatchNorm.convert_sync_batchnorm``, which DINO applies to its ResNets): the next forward then
+    folds the new BatchNorm in its place, instead of it being applied a second time after the fused conv."""
+
+    def _bind_slot(self, folded: FoldedBatchNorm2d, owner: Optional[nn.Module], name: str) -> None:
+        object.__setattr__(self, "_slot", (folded, owner, name))
+
+    def slot_bn(self) -> FoldedBatchNorm2d:
+        folded, owner, name = self._slot
+        if owner is not None:
+            current = getattr(owner, name)
+            if current is not folded:
+                folded = _refold_slot(owner, name, current, folded)
+                self._bind_slot(folded, owner, name)
+        return folded
+
+
+def _refold_slot(owner: nn.Module, name: str, current: nn.Module, folded: FoldedBatchNorm2d) -> FoldedBatchNorm2d:
+    if isinstance(current, FoldedBatchNorm2d):
+        return current
+    if not (isinstance(current, (nn.BatchNorm2d, nn.SyncBatchNorm)) and is_batchnorm2d(current)
+            and current.num_features == folded.num_features):
+        raise RuntimeError(
+            f"{type(owner).__name__}.{name} was replaced by a {type(current).__name__} after fastvision.patch fused "
+            f"the BatchNorm there into the conv before it; only a BatchNorm2d or SyncBatchNorm of "
+            f"{folded.num_features} channels can be folded in its place. Call fastvision.unpatch(model), replace "
+            f"the module, then patch again.")
+    from fastvision.patching.core import replace_slot, rule_of  # patching builds on modules, not the reverse
+    refolded = FoldedBatchNorm2d.from_module(current)
+    replace_slot(owner, name, refolded, rule_of(folded))
+    return refolded
+
+
+class FusedConv2d(_FusionOwner, _FoldsSlotBatchNorm, nn.Conv2d):
     """Stands in a conv slot and computes conv -> the next slot's BatchNorm -> ReLU (those slots become identities).
 
-    Holds the original conv's parameters under the same names (the same tensors).
+    Holds the original conv's parameters under the same names (the same tensors). ``owner``: the module
+    whose ``bn_slot`` holds ``bn`` (see _FoldsSlotBatchNorm); None for a conv used on its own.
     """
 
     @classmethod
-    def from_module(cls, conv: nn.Conv2d, bn: FoldedBatchNorm2d, relu: bool) -> "FusedConv2d":
+    def from_module(cls, conv: nn.Conv2d, bn: FoldedBatchNorm2d, relu: bool, owner: Optional[nn.Module] = None,
+                    bn_slot: str = "bn1") -> "FusedConv2d":
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         _share_state(new, conv)
         new.train(conv.training)
-        object.__setattr__(new, "_fused_bn", bn)
+        new._bind_slot(bn, owner, bn_slot)
         new.fused_relu = relu
         return new
 
     def forward(self, x: Tensor) -> Tensor:
-        return fusion_for(self, self, self._fused_bn, ("self", "bn"))(x, relu=self.fused_relu)
+        return fusion_for(self, self, self.slot_bn(), ("self", "bn"))(x, relu=self.fused_relu)
 
     def why_not(self, x: Tensor) -> Optional[str]:
-        return fusion_for(self, self, self._fused_bn, ("self", "bn")).decline(x)
+        return fusion_for(self, self, self.slot_bn(), ("self", "bn")).decline(x)
 
 
-class FusedSequential(_FusionOwner, nn.Sequential):
+class FusedSequential(_FusionOwner, _FoldsSlotBatchNorm, nn.Sequential):
     """nn.Sequential with its conv -> BatchNorm (-> ReLU) runs fused; the same children under the same names.
 
-    ``tail_bn``/``tail_relu``: a BatchNorm (a FoldedBatchNorm2d slot of the parent) that follows the last
-    conv outside the Sequential, as in the deep stem of resnet*d.
+    ``tail_bn``/``tail_relu``: a BatchNorm (a FoldedBatchNorm2d in the ``bn_slot`` of ``owner``) that follows
+    the last conv outside the Sequential, as in the deep stem of resnet*d (see _FoldsSlotBatchNorm).
     """
 
-    def __init__(self, seq: nn.Sequential, tail_bn: Optional[FoldedBatchNorm2d] = None, tail_relu: bool = False):
+    def __init__(self, seq: nn.Sequential, tail_bn: Optional[FoldedBatchNorm2d] = None, tail_relu: bool = False,
+                 owner: Optional[nn.Module] = None, bn_slot: str = "bn1"):
         super().__init__()
         for name, m in seq.named_children():
             self.add_module(name, m)
         self.training = seq.training
-        object.__setattr__(self, "_tail", (tail_bn, tail_relu))
+        self._bind_slot(tail_bn, owner, bn_slot)
+        self.tail_relu = tail_relu
         self._plan = _plan_sequence(list(seq._modules.items()), tail_bn is not None)
 
     def fused_chains(self) -> int:
         return sum(1 for step in self._plan if step[0] == "fuse")
 
     def forward(self, x: Tensor) -> Tensor:
-        tail_bn, tail_relu = self._tail
         for step in self._plan:
             if step[0] == "module":
                 x = self._modules[step[1]](x)
                 continue
             _, conv_name, bn_name, act_name = step
             conv = self._modules[conv_name]
-            bn = tail_bn if bn_name is None else self._modules[bn_name]
-            relu = tail_relu if bn_name is None else act_name is not None
+            bn = self.slot_bn() if bn_name is None else self._modules[bn_name]
+            relu = self.tail_relu if bn_name is None else act_name is not None
             x = fusion_for(self, conv, bn, (conv_name, str(bn_name)))(x, relu=relu)
         return x
 

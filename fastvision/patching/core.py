@@ -67,6 +67,11 @@ def is_replacement(module: nn.Module) -> bool:
     return _ORIGINAL in module.__dict__
 
 
+def rule_of(module: nn.Module) -> Optional[str]:
+    """The name of the rule that put ``module`` in place (None: not a replacement)."""
+    return module.__dict__.get(_RULE)
+
+
 def _first_rule(module: nn.Module, rules: Sequence[Rule], options: Dict[str, bool], slots: bool = False
                 ) -> Optional[Rule]:
     for rule in rules:
@@ -96,13 +101,20 @@ def _patch_slots(module: nn.Module, prefix: str, rules, options, report: PatchRe
         report.skipped.append(Skipped(prefix, _type_name(module), built))
         return
     for name, replacement in built.items():
-        original = getattr(module, name)
+        original = replace_slot(module, name, replacement, rule.name)
         path = f"{prefix}.{name}" if prefix else name
-        object.__setattr__(replacement, _ORIGINAL, original)
-        object.__setattr__(replacement, _RULE, rule.name)
-        _take_mode(replacement, original)
-        setattr(module, name, replacement)
         report.replaced.append(Replaced(path, rule.name, _type_name(original), _type_name(replacement)))
+
+
+def replace_slot(parent: nn.Module, name: str, replacement: nn.Module, rule_name: Optional[str]) -> nn.Module:
+    """Put ``replacement`` in ``parent``'s child slot ``name`` (in its mode), remembering the module it
+    replaces for unpatch and the rule that made it; returns the module replaced."""
+    original = getattr(parent, name)
+    object.__setattr__(replacement, _ORIGINAL, original)
+    object.__setattr__(replacement, _RULE, rule_name)
+    _take_mode(replacement, original)
+    setattr(parent, name, replacement)
+    return original
 
 
 def _apply_rule(parent, name, path, module, rule: Rule, options, report: PatchReport) -> nn.Module:
@@ -110,10 +122,7 @@ def _apply_rule(parent, name, path, module, rule: Rule, options, report: PatchRe
     if isinstance(built, str):
         report.skipped.append(Skipped(path, _type_name(module), built))
         return module
-    object.__setattr__(built, _ORIGINAL, module)
-    object.__setattr__(built, _RULE, rule.name)
-    _take_mode(built, module)
-    setattr(parent, name, built)
+    replace_slot(parent, name, built, rule.name)
     report.replaced.append(Replaced(path, rule.name, _type_name(module), _type_name(built)))
     return built
 
@@ -148,9 +157,19 @@ def _unpatch_children(parent: nn.Module) -> None:
         while is_replacement(child):
             original = child.__dict__[_ORIGINAL]
             _take_mode(original, child)
+            _keep_swapped_children(original, child)
             setattr(parent, name, original)
             child = original
         _unpatch_children(child)
+
+
+def _keep_swapped_children(original: nn.Module, replacement: nn.Module) -> None:
+    """Children the replacement holds under the original's names (the same objects at patch time) go
+    back to the original as they are now: a module swapped in after patching (a SyncBatchNorm from
+    convert_sync_batchnorm, an adapter around a Linear) stays after unpatch."""
+    for name, child in replacement._modules.items():
+        if original._modules.get(name) is not None and original._modules[name] is not child:
+            original._modules[name] = child
 
 
 def report_of(model: nn.Module) -> Optional[PatchReport]:

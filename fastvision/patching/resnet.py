@@ -93,16 +93,16 @@ def _build_stem(m: nn.Module, options) -> Union[Dict[str, nn.Module], str]:
         return {}  # already patched
     last_conv = conv[-1] if isinstance(conv, nn.Sequential) and len(conv) else conv
     reason = conv_modules.conv_decline(last_conv) or conv_modules.bn_decline(bn, last_conv)
-    if reason is None and not isinstance(bn, nn.BatchNorm2d):
-        reason = f"{type(bn).__name__} in the stem is not an nn.BatchNorm2d"
+    if reason is None and not isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)):
+        reason = f"{type(bn).__name__} in the stem is not an nn.BatchNorm2d or nn.SyncBatchNorm"
     if reason is not None:
         return f"stem conv1/bn1: {reason}"
     relu = conv_modules.is_relu(act)
     folded_bn = conv_modules.FoldedBatchNorm2d.from_module(bn)
     if isinstance(conv, nn.Sequential):
-        fused = conv_modules.FusedSequential(conv, tail_bn=folded_bn, tail_relu=relu)
+        fused = conv_modules.FusedSequential(conv, tail_bn=folded_bn, tail_relu=relu, owner=m, bn_slot="bn1")
     else:
-        fused = conv_modules.FusedConv2d.from_module(conv, folded_bn, relu)
+        fused = conv_modules.FusedConv2d.from_module(conv, folded_bn, relu, owner=m, bn_slot="bn1")
     slots = {"conv1": fused, "bn1": folded_bn}
     if relu:
         slots[act_name] = nn.Identity()
