@@ -9,6 +9,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from fastvision.modules._hooks import internal_hook
+
 
 def _is_attention(module: nn.Module) -> bool:
     return all(isinstance(getattr(module, n, None), nn.Module) for n in ("qkv", "proj")) and \
@@ -58,7 +60,7 @@ def get_last_selfattention(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return captured[:, :, 0, :].float()
 
     inputs = {}
-    handle = attn.register_forward_pre_hook(lambda mod, args: inputs.setdefault("x", args[0]))
+    handle = attn.register_forward_pre_hook(internal_hook(lambda mod, args: inputs.setdefault("x", args[0])))
     try:
         with torch.no_grad():
             _run_features(model, x)

@@ -19,6 +19,7 @@ from torch import nn
 
 from fastvision import ops
 from fastvision.modules import transformer
+from fastvision.modules._hooks import hooked_module
 from fastvision.modules.attention import Attention
 
 
@@ -91,6 +92,9 @@ def can_pack(vit: nn.Module) -> Optional[str]:
         return "the backbone is compiled (nn.Module.compile): packing would run it uncompiled"
     if not isinstance(vit.blocks, nn.Sequential) or len(vit.blocks) == 0:
         return "vit.blocks is not a non-empty nn.Sequential"
+    hooked = hooked_module(vit)
+    if hooked is not None:
+        return f"{hooked or 'the backbone'} has hooks: the packed pass would call it on all crops at once, or not at all"
     for i, block in enumerate(vit.blocks):
         reason = _block_decline(i, block)
         if reason is not None:

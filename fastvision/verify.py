@@ -14,6 +14,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .modules._hooks import internal_hook
 from .patching import core
 from .patching import patch as _patch
 from .testing import relative_error, tolerance
@@ -93,6 +94,7 @@ class _Recorder:
         self.handles = [modules[n].register_forward_hook(self._hook(n)) for n in names if n in modules]
 
     def _hook(self, name):
+        @internal_hook  # records what the fused model runs: turns no fused path off
         def hook(module, args, out):
             if name not in self.outputs:
                 self.outputs[name] = _first_tensor(out).detach()
@@ -135,6 +137,7 @@ def recording_declines(patched: nn.Module) -> Iterator[Dict[str, str]]:
     handles = []
     for name, module in patched.named_modules():
         if core.is_replacement(module) and hasattr(module, "why_not"):
+            @internal_hook
             def hook(mod, args, name=name):
                 if args and isinstance(args[0], torch.Tensor) and name not in reasons:
                     reason = mod.why_not(args[0])

@@ -99,3 +99,15 @@ class EagerCall:
 
     def __call__(self):
         return self.fn()
+
+
+def randomize_bn(model):
+    """Non-trivial BN statistics and affine (timm zero-inits the last BN of each block)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_(1.0, 0.2)
+                m.bias.normal_(0, 0.2)
+    return model

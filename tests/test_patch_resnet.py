@@ -9,23 +9,11 @@ from fastvision import _extension
 from fastvision.modules.conv import FoldedBatchNorm2d
 from fastvision.modules.resnet import FusedResNetBlock
 from fastvision.testing import assert_close
-from helpers import assert_loads_checkpoint, assert_patched_checkpoint_loads_unpatched
+from helpers import assert_loads_checkpoint, assert_patched_checkpoint_loads_unpatched, randomize_bn
 
 timm = pytest.importorskip("timm")
 needs_extension = pytest.mark.skipif(_extension.load() is None, reason="fastvision._C is not built")
 MODELS = ("resnet18", "resnet50", "resnet50d")
-
-
-def randomize_bn(model):
-    """Non-trivial BN statistics and affine (timm zero-inits the last BN of each block)."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.normal_(1.0, 0.2)
-                m.bias.normal_(0, 0.2)
-    return model
 
 
 def make(name, num_classes=10):

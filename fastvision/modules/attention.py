@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from fastvision import ops
+from fastvision.modules._hooks import has_hooks
 from fastvision.modules.linear import linear
 
 # Children of timm's vision_transformer.Attention, adopted as they are (same objects, same names).
@@ -44,7 +45,9 @@ class Attention(nn.Module):
         return self.q_norm(q), self.k_norm(k), v
 
     def _has_qk_norm(self) -> bool:
-        return not (isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity))
+        """Whether q_norm and k_norm must be called (not identities, or hooked)."""
+        identities = isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity)
+        return not identities or has_hooks(self.q_norm, self.k_norm)
 
     def _attend(self, qkv: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool):
         dropout = self.attn_drop.p if self.training else 0.0

@@ -18,6 +18,7 @@ from fastvision import ops
 from fastvision.ops import _common as ops_common
 from fastvision.ops._dispatch import is_compiling
 from fastvision.ops import conv as conv_ops
+from ._hooks import has_hooks
 
 _FROZEN_BN_CLASSES = ("FrozenBatchNorm2d",)
 
@@ -237,13 +238,18 @@ class ConvBnAct(_FusionOwner, nn.Module):
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         conv, bn, act = self.parts
+        if has_hooks(conv, bn, act):  # the modules are called, so their hooks run
+            y = bn(conv(x))
+            return _apply_act(act, y if residual is None else y + residual)
         fusion = fusion_for(self, conv, bn, self._names[:2])
         relu = is_relu(act)
         y = fusion(x, residual, relu=relu)
         return y if relu else _apply_act(act, y)
 
     def why_not(self, x: Tensor, residual: Optional[Tensor] = None) -> Optional[str]:
-        conv, bn, _ = self.parts
+        conv, bn, act = self.parts
+        if has_hooks(conv, bn, act):
+            return "hooks on the conv, BatchNorm or activation: the modules run unfused"
         return fusion_for(self, conv, bn, self._names[:2]).decline(x, residual)
 
 
@@ -299,17 +305,30 @@ class _FoldsSlotBatchNorm:
     (``nn.SyncBatchNorm.convert_sync_batchnorm``, which DINO applies to its ResNets): the next forward then
     folds the new BatchNorm in its place, instead of it being applied a second time after the fused conv."""
 
-    def _bind_slot(self, folded: FoldedBatchNorm2d, owner: Optional[nn.Module], name: str) -> None:
-        object.__setattr__(self, "_slot", (folded, owner, name))
+    def _bind_slot(self, folded: FoldedBatchNorm2d, owner: Optional[nn.Module], name: str,
+                   act_name: Optional[str] = None) -> None:
+        object.__setattr__(self, "_slot", (folded, owner, name, act_name))
 
     def slot_bn(self) -> FoldedBatchNorm2d:
-        folded, owner, name = self._slot
+        folded, owner, name, act_name = self._slot
         if owner is not None:
             current = getattr(owner, name)
             if current is not folded:
                 folded = _refold_slot(owner, name, current, folded)
-                self._bind_slot(folded, owner, name)
+                self._bind_slot(folded, owner, name, act_name)
         return folded
+
+    def _check_slot_hooks(self, conv: nn.Module) -> None:
+        """The slots' modules no longer compute what their hooks expect (the BatchNorm and act slots are
+        identities): refuse rather than run hooks on the wrong values. Global hooks (module trackers such
+        as FlopCounterMode's) are let through: they are not registered on these modules."""
+        folded, owner, name, act_name = self._slot
+        act = getattr(owner, act_name, None) if owner is not None and act_name else None
+        if has_hooks(self, conv, self.slot_bn(), act, global_hooks=False):
+            raise RuntimeError(
+                f"hooks were registered on the fused stem of {type(owner).__name__} ({name} and the conv and "
+                f"activation around it) after fastvision.patch: those modules now compute conv -> BN -> ReLU in "
+                f"one. Register them before patching (the stem then stays unfused), or fastvision.unpatch first.")
 
 
 def _refold_slot(owner: nn.Module, name: str, current: nn.Module, folded: FoldedBatchNorm2d) -> FoldedBatchNorm2d:
@@ -337,16 +356,17 @@ class FusedConv2d(_FusionOwner, _FoldsSlotBatchNorm, nn.Conv2d):
 
     @classmethod
     def from_module(cls, conv: nn.Conv2d, bn: FoldedBatchNorm2d, relu: bool, owner: Optional[nn.Module] = None,
-                    bn_slot: str = "bn1") -> "FusedConv2d":
+                    bn_slot: str = "bn1", act_slot: Optional[str] = None) -> "FusedConv2d":
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         _share_state(new, conv)
         new.train(conv.training)
-        new._bind_slot(bn, owner, bn_slot)
+        new._bind_slot(bn, owner, bn_slot, act_slot)
         new.fused_relu = relu
         return new
 
     def forward(self, x: Tensor) -> Tensor:
+        self._check_slot_hooks(self)
         return fusion_for(self, self, self.slot_bn(), ("self", "bn"))(x, relu=self.fused_relu)
 
     def why_not(self, x: Tensor) -> Optional[str]:
@@ -361,12 +381,12 @@ class FusedSequential(_FusionOwner, _FoldsSlotBatchNorm, nn.Sequential):
     """
 
     def __init__(self, seq: nn.Sequential, tail_bn: Optional[FoldedBatchNorm2d] = None, tail_relu: bool = False,
-                 owner: Optional[nn.Module] = None, bn_slot: str = "bn1"):
+                 owner: Optional[nn.Module] = None, bn_slot: str = "bn1", act_slot: Optional[str] = None):
         super().__init__()
         for name, m in seq.named_children():
             self.add_module(name, m)
         self.training = seq.training
-        self._bind_slot(tail_bn, owner, bn_slot)
+        self._bind_slot(tail_bn, owner, bn_slot, act_slot)
         self.tail_relu = tail_relu
         self._plan = _plan_sequence(list(seq._modules.items()), tail_bn is not None)
 
@@ -380,6 +400,12 @@ class FusedSequential(_FusionOwner, _FoldsSlotBatchNorm, nn.Sequential):
                 continue
             _, conv_name, bn_name, act_name = step
             conv = self._modules[conv_name]
+            if bn_name is None:
+                self._check_slot_hooks(conv)
+            elif has_hooks(conv, self._modules[bn_name], self._modules.get(act_name)):
+                for name in (conv_name, bn_name, act_name):  # called, so their hooks run
+                    x = x if name is None else self._modules[name](x)
+                continue
             bn = self.slot_bn() if bn_name is None else self._modules[bn_name]
             relu = self.tail_relu if bn_name is None else act_name is not None
             x = fusion_for(self, conv, bn, (conv_name, str(bn_name)))(x, relu=relu)

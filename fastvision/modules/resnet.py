@@ -9,6 +9,7 @@ from typing import Optional, Sequence, Tuple
 
 from torch import Tensor, nn
 
+from ._hooks import has_hooks
 from .conv import _FusionOwner, _uses_batch_stats, bn_decline, conv_decline, fusion_for, is_relu
 
 
@@ -61,13 +62,16 @@ class FusedResNetBlock(_FusionOwner, nn.Module):
                 object.__setattr__(self, key, value)
         object.__setattr__(self, "_eager_forward", type(block).forward)
         self._chains = tuple(chains)
+        # The modules the fused chains may not call (the others are always called): with hooks on any of
+        # them, the block runs its original forward.
+        self._fused_names = tuple(n for c in self._chains for n in (c.conv, c.bn, *c.before_act, c.act))
         self.training = block.training
 
     def _uses_batch_stats(self) -> bool:
         return any(_uses_batch_stats(getattr(self, c.bn)) for c in self._chains)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self._uses_batch_stats():
+        if self._uses_batch_stats() or has_hooks(*(getattr(self, n, None) for n in self._fused_names)):
             return self._eager_forward(self, x)
         shortcut = x
         last = len(self._chains) - 1
@@ -99,5 +103,8 @@ class FusedResNetBlock(_FusionOwner, nn.Module):
 
     def why_not(self, x: Tensor) -> Optional[str]:
         """Why the first chain runs eager modules on ``x`` (None: it runs conv_bn_act)."""
+        hooked = [n for n in self._fused_names if has_hooks(getattr(self, n, None))]
+        if hooked:
+            return f"hooks on {', '.join(hooked)}: the block runs its original forward, which calls them"
         c = self._chains[0]
         return fusion_for(self, getattr(self, c.conv), getattr(self, c.bn), (c.conv, c.bn)).decline(x)

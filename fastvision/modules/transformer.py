@@ -11,6 +11,7 @@ from torch import nn
 
 from fastvision import ops
 from fastvision.modules._compiled import fused
+from fastvision.modules._hooks import has_hooks
 from fastvision.modules.gelu import GELU
 from fastvision.modules.layer_norm import LayerNorm
 from fastvision.modules.linear import linear
@@ -52,9 +53,10 @@ class Block(nn.Module):
         every token; norm2 and the MLP run on those rows only (the last block of a ViT pooled by its CLS
         token: DINO's packed pass)."""
         qkv_dtype = _linear_input_dtype(x, self.attn, "qkv")
-        if pending is not None and self.fuse_residual_norm and isinstance(self.norm1, LayerNorm):
+        fused_norm1 = isinstance(self.norm1, LayerNorm) and not has_hooks(self.norm1)
+        if pending is not None and self.fuse_residual_norm and fused_norm1:
             y, x = self.norm1.forward_add(x, pending[0], out_dtype=qkv_dtype, residual_scale=pending[1])
-        elif isinstance(self.norm1, LayerNorm):
+        elif fused_norm1:
             x = finish_residual(x, pending)
             y = self.norm1(x, out_dtype=qkv_dtype)
         else:
@@ -66,7 +68,7 @@ class Block(nn.Module):
             x, a = x.index_select(-2, rows), a.index_select(-2, rows)
             if scale is not None and isinstance(attn_mask, ops.Segments):  # one factor per token (batched: per sample)
                 scale = scale.index_select(-1, rows)
-        if self.fuse_residual_norm and isinstance(self.norm2, LayerNorm):
+        if self.fuse_residual_norm and isinstance(self.norm2, LayerNorm) and not has_hooks(self.norm2):
             y, x = self.norm2.forward_add(x, a, out_dtype=_linear_input_dtype(x, self.mlp, "fc1"),
                                           residual_scale=scale)
         else:
@@ -78,7 +80,7 @@ class Block(nn.Module):
                 rows: Optional[torch.Tensor] = None) -> "Pending":
         """(branch, per-row keep scale or None): drop path as a factor the fused add applies. ``rows``:
         x and branch hold only those tokens of the packed stream attn_mask describes."""
-        if not drop_path.training or isinstance(drop_path, nn.Identity):
+        if not drop_path.training or isinstance(drop_path, nn.Identity) or has_hooks(drop_path):
             return drop_path(branch), None
         if not is_drop_path(drop_path):
             if isinstance(attn_mask, ops.Segments):
@@ -109,7 +111,7 @@ def run_blocks(blocks, x: torch.Tensor, attn_mask=None, rows: Optional[torch.Ten
     pending: Pending = None
     last = len(blocks) - 1
     for i, block in enumerate(blocks):
-        if isinstance(block, Block):
+        if isinstance(block, Block) and not has_hooks(block):
             x, pending = block.forward_carry(x, pending, attn_mask=attn_mask, rows=rows if i == last else None)
         else:
             x, pending = finish_residual(x, pending), None
@@ -185,13 +187,14 @@ class Mlp(nn.Module):
         self.recompute_activation = recompute_activation
 
     def _fused_bias(self, dtype: Optional[torch.dtype]) -> Optional[torch.Tensor]:
-        if not isinstance(self.act, GELU) or self.fc1.bias is None:
+        if not isinstance(self.act, GELU) or self.fc1.bias is None or has_hooks(self.fc1, self.act):
             return None
         return self.fc1.bias if dtype is None else self.fc1.bias.to(dtype)  # eager linear adds it in that dtype
 
     def _recomputes(self, bias: Optional[torch.Tensor]) -> bool:
         return (self.recompute_activation and bias is not None and fused("gelu") and isinstance(self.norm, nn.Identity)
-                and (not self.training or getattr(self.drop1, "p", 0.0) == 0.0) and isinstance(self.fc2, nn.Linear))
+                and (not self.training or getattr(self.drop1, "p", 0.0) == 0.0) and isinstance(self.fc2, nn.Linear)
+                and not has_hooks(self.drop1, self.norm, self.fc2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = _linear_input_dtype(x, self, "fc1")  # autocast's, or None

@@ -5,6 +5,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 from torch import nn
 
+from fastvision.modules._hooks import share_hooks
 from .rules import Rule
 
 # Attributes kept in __dict__ (object.__setattr__) so they are never registered as submodules
@@ -107,11 +108,12 @@ def _patch_slots(module: nn.Module, prefix: str, rules, options, report: PatchRe
 
 
 def replace_slot(parent: nn.Module, name: str, replacement: nn.Module, rule_name: Optional[str]) -> nn.Module:
-    """Put ``replacement`` in ``parent``'s child slot ``name`` (in its mode), remembering the module it
-    replaces for unpatch and the rule that made it; returns the module replaced."""
+    """Put ``replacement`` in ``parent``'s child slot ``name`` (in its mode and with its hooks), remembering
+    the module it replaces for unpatch and the rule that made it; returns the module replaced."""
     original = getattr(parent, name)
     object.__setattr__(replacement, _ORIGINAL, original)
     object.__setattr__(replacement, _RULE, rule_name)
+    share_hooks(replacement, original)
     _take_mode(replacement, original)
     setattr(parent, name, replacement)
     return original
@@ -158,6 +160,7 @@ def _unpatch_children(parent: nn.Module) -> None:
             original = child.__dict__[_ORIGINAL]
             _take_mode(original, child)
             _keep_swapped_children(original, child)
+            share_hooks(original, child)
             setattr(parent, name, original)
             child = original
         _unpatch_children(child)

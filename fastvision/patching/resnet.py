@@ -14,6 +14,7 @@ from typing import Callable, Dict, Tuple, Union
 from torch import nn
 
 from fastvision.modules import conv as conv_modules
+from fastvision.modules._hooks import hooked_module
 from fastvision.modules import resnet as blocks
 from .rules import Rule
 
@@ -97,12 +98,18 @@ def _build_stem(m: nn.Module, options) -> Union[Dict[str, nn.Module], str]:
         reason = f"{type(bn).__name__} in the stem is not an nn.BatchNorm2d or nn.SyncBatchNorm"
     if reason is not None:
         return f"stem conv1/bn1: {reason}"
+    hooked = [name for name, module in (("conv1", conv), ("bn1", bn), (act_name, act))
+              if isinstance(module, nn.Module) and hooked_module(module) is not None]
+    if hooked:
+        return f"stem: hooks on {', '.join(hooked)}, which the fused stem would not call"
     relu = conv_modules.is_relu(act)
+    act_slot = act_name if relu else None
     folded_bn = conv_modules.FoldedBatchNorm2d.from_module(bn)
     if isinstance(conv, nn.Sequential):
-        fused = conv_modules.FusedSequential(conv, tail_bn=folded_bn, tail_relu=relu, owner=m, bn_slot="bn1")
+        fused = conv_modules.FusedSequential(conv, tail_bn=folded_bn, tail_relu=relu, owner=m, bn_slot="bn1",
+                                             act_slot=act_slot)
     else:
-        fused = conv_modules.FusedConv2d.from_module(conv, folded_bn, relu, owner=m, bn_slot="bn1")
+        fused = conv_modules.FusedConv2d.from_module(conv, folded_bn, relu, owner=m, bn_slot="bn1", act_slot=act_slot)
     slots = {"conv1": fused, "bn1": folded_bn}
     if relu:
         slots[act_name] = nn.Identity()
