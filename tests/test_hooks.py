@@ -213,3 +213,32 @@ def test_global_module_hooks_see_eager_calls():
         assert missing <= {"bn1", "act1"}, missing
         for name in set(outputs["eager"]) - missing - {"conv1"}:
             assert_close(outputs["patched"][name], outputs["eager"][name], torch.float32, name=name)
+
+
+@pytest.mark.parametrize("mask", (None, "bool", "float"))
+def test_attention_maps_read_from_attn_drop_hooks(mask):
+    """The attention-rollout recipe: timm's unfused attention (fused_attn=False) and a hook on attn_drop,
+    whose input is the softmax. The patched attention computes the same probabilities there."""
+    eager = make_vit()
+    for block in eager.blocks:
+        block.attn.fused_attn = False
+    patched = fastvision.patch(copy.deepcopy(eager))
+    x = torch.randn(2, 3, 32, 32)
+    tokens = eager.patch_embed.num_patches + 1
+    attn_mask = {None: None, "bool": torch.rand(tokens, tokens) > 0.3,
+                 "float": torch.randn(2, 1, tokens, tokens)}[mask]
+    if mask == "bool":
+        attn_mask.fill_diagonal_(True)
+    maps = []
+    for model in (eager, patched):
+        seen, _ = record(model, [f"blocks.{i}.attn.attn_drop" for i in range(len(model.blocks))])
+        tokens_in = model.patch_embed(x)
+        tokens_in = model._pos_embed(tokens_in)
+        with torch.no_grad():
+            out = model.blocks[0].attn(model.blocks[0].norm1(tokens_in), attn_mask=attn_mask)
+            if mask is None:
+                out = model(x)  # every block's maps, as attention rollout reads them
+        maps.append((seen, out))
+    (eager_seen, eager_out), (seen, out) = maps
+    assert_same_records(seen, eager_seen)
+    assert_close(out, eager_out, torch.float32)

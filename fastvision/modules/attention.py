@@ -50,6 +50,8 @@ class Attention(nn.Module):
         return not identities or has_hooks(self.q_norm, self.k_norm)
 
     def _attend(self, qkv: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool):
+        if has_hooks(self.attn_drop):
+            return self._attend_unfused(qkv, attn_mask, is_causal)
         dropout = self.attn_drop.p if self.training else 0.0
         kwargs = dict(scale=self.scale, attn_bias=attn_mask, return_attn_rows=self.attention_rows, dropout_p=dropout)
         if self._has_qk_norm() or is_causal:
@@ -58,6 +60,22 @@ class Attention(nn.Module):
             return out.transpose(1, 2), rows
         result = ops.attention_qkvpacked(qkv, **kwargs)
         return result if self.attention_rows else (result, None)
+
+    def _attend_unfused(self, qkv: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool):
+        """timm's unfused attention, whose probabilities go through ``attn_drop``: with hooks there
+        (attention-rollout recipes read the maps from it), they run on the same values as in eager timm."""
+        q, k, v = self._heads(qkv)
+        scores = (q * self.scale) @ k.transpose(-2, -1)
+        if is_causal:
+            n = scores.shape[-1]
+            attn_mask = torch.ones(n, n, dtype=torch.bool, device=scores.device).tril()
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        elif attn_mask is not None:
+            scores = scores + attn_mask
+        attn = self.attn_drop(scores.softmax(dim=-1))
+        rows = attn[:, :, :self.attention_rows] if self.attention_rows else None
+        return (attn @ v).transpose(1, 2), rows
 
     def _attend_packed(self, qkv: torch.Tensor, segments: "ops.Segments"):
         """Sequences packed along the token axis (x of shape (1, T, C)): block-diagonal attention."""
