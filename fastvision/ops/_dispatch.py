@@ -39,13 +39,28 @@ class FusedOp:
 REGISTRY: Dict[str, FusedOp] = {}
 
 
+def refuse_create_graph(name: str) -> None:
+    """Raise inside a backward that runs with create_graph=True (grad mode on), where a backward made of
+    kernels would hand back gradients without a graph: a gradient penalty or second-order method would
+    then silently lose their terms through this op."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"fastvision::{name}: higher-order gradients (backward or autograd.grad with create_graph=True) are "
+            f"not supported, as the fused kernels' backward is not itself differentiable. Run that computation "
+            f"on the unpatched model (fastvision.unpatch(model): the parameters are the same objects), or patch "
+            f"without this op.")
+
+
 def define(name: str, impl: Callable, fake: Callable, *, setup_context: Optional[Callable] = None,
            backward: Optional[Callable] = None):
     """Register ``impl`` (type-annotated) as the custom op fastvision::name, and for ``call``."""
     op = torch.library.custom_op(f"{_LIB}::{name}", mutates_args=())(impl)
     op.register_fake(fake)
     if backward is not None:
-        op.register_autograd(backward, setup_context=setup_context)
+        def first_order_backward(ctx, *grads):
+            refuse_create_graph(name)
+            return backward(ctx, *grads)
+        op.register_autograd(first_order_backward, setup_context=setup_context)
     REGISTRY[name] = FusedOp(name, impl, setup_context, backward)
     return op
 
@@ -101,6 +116,7 @@ class _Direct(torch.autograd.Function):
     def backward(ctx, *grads):
         if all(g is None for g in grads):  # no output reached the loss (see set_materialize_grads)
             return (None,) * len(ctx.needs_input_grad)
+        refuse_create_graph(ctx.fastvision_op.name)
         result = ctx.fastvision_op.backward(ctx, *grads)
         return (*(result if isinstance(result, tuple) else (result,)), None)
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _common as C
-from ._dispatch import call, define
+from ._dispatch import call, define, refuse_create_graph
 from .linear import linear_backward
 
 APPROXIMATIONS = ("none", "tanh")
@@ -146,6 +146,7 @@ class _BiasGeluLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        refuse_create_graph("bias_gelu_linear")
         a, b1, w2 = ctx.saved_tensors
         g = call("bias_gelu", a, b1, ctx.approximate)
         needs = ctx.needs_input_grad

@@ -41,7 +41,11 @@ define("column_sum", _column_sum_impl, _column_sum_fake)
 
 def bias_grad(grad_output: Tensor, dtype: torch.dtype) -> Tensor:
     """The gradient of a bias added along grad_output's last dimension: its column sums, summed in
-    float32 (float64 for float64) and returned in ``dtype``."""
+    float32 (float64 for float64) and returned in ``dtype``. Under create_graph=True (grad mode on in
+    the backward) torch's own sum, which is differentiable."""
+    if torch.is_grad_enabled():
+        acc = C.accumulator_dtype(grad_output.dtype)
+        return grad_output.sum(tuple(range(grad_output.dim() - 1)), dtype=acc).to(dtype)
     return call("column_sum", grad_output).to(dtype)
 
 
