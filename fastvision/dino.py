@@ -126,9 +126,9 @@ class MultiCropWrapper(nn.Module):
     def forward_backbone(self, crops: Sequence[torch.Tensor]) -> torch.Tensor:
         groups = resolution_groups(crops)
         if self._use_packing(groups):
-            from fastvision.packing import packed_features
+            from fastvision.packing import packed_features_checked  # _use_packing asked can_pack
 
-            return packed_features(self.backbone, [torch.cat(group) for group in groups], pre_logits=False)
+            return packed_features_checked(self.backbone, [torch.cat(group) for group in groups], pre_logits=False)
         features = []
         for group in groups:
             out = self.backbone(torch.cat(group))

@@ -143,6 +143,11 @@ def packed_features(vit: nn.Module, groups: Sequence[torch.Tensor], *, pre_logit
     reason = can_pack(vit)
     if reason is not None:
         raise ValueError(f"cannot pack this model: {reason}")
+    return packed_features_checked(vit, groups, pre_logits=pre_logits)
+
+
+def packed_features_checked(vit: nn.Module, groups: Sequence[torch.Tensor], *, pre_logits: bool = True) -> torch.Tensor:
+    """packed_features for a caller that has just had can_pack(vit) say yes (it walks every module)."""
     embedded = [_embed(vit, images) for images in groups]
     dtype = embedded[0].dtype
     for x in embedded[1:]:

@@ -132,12 +132,12 @@ def test_can_pack_says_why_not():
 class _Spy:
     def __init__(self, monkeypatch):
         self.calls = 0
-        original = packing.packed_features
+        original = packing.packed_features_checked  # what MultiCropWrapper calls after its can_pack
 
         def spy(*args, **kwargs):
             self.calls += 1
             return original(*args, **kwargs)
-        monkeypatch.setattr(packing, "packed_features", spy)
+        monkeypatch.setattr(packing, "packed_features_checked", spy)
 
 
 def _wrapper(backbone, packed=None):

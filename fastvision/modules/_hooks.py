@@ -34,23 +34,34 @@ def _user_hooks(hooks) -> bool:
 _GLOBAL_DICTS = tuple(getattr(_module, name) for name in _GLOBAL_HOOKS if hasattr(_module, name))
 
 
+def _global_user_hooks() -> bool:
+    return any(_GLOBAL_DICTS) and any(_user_hooks(hooks) for hooks in _GLOBAL_DICTS)
+
+
+def _own_user_hooks(m: nn.Module) -> bool:
+    if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+        return any(_user_hooks(getattr(m, name)) for name in _INSTANCE_HOOKS)
+    return False
+
+
 def has_hooks(*modules: Optional[nn.Module], global_hooks: bool = True) -> bool:
     """Whether calling any of ``modules`` (None: skipped) would run a user's forward or backward hook,
     its own or (``global_hooks``) a global one. A few tenths of a microsecond for modules without hooks."""
-    if global_hooks and any(_GLOBAL_DICTS) and any(_user_hooks(hooks) for hooks in _GLOBAL_DICTS):
+    if global_hooks and _global_user_hooks():
         return any(m is not None for m in modules)
-    for m in modules:
-        if m is not None and (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks):
-            if any(_user_hooks(getattr(m, name)) for name in _INSTANCE_HOOKS):
-                return True
-    return False
+    return any(m is not None and _own_user_hooks(m) for m in modules)
 
 
 def hooked_module(root: nn.Module) -> Optional[str]:
     """The qualified name of the first module under ``root`` (itself: "") that has hooks, or None."""
-    for name, m in root.named_modules():
-        if has_hooks(m):
-            return name
+    if _global_user_hooks():
+        return ""
+    stack = [root]  # a plain walk first: named_modules() costs over a microsecond per module
+    while stack:
+        m = stack.pop()
+        if _own_user_hooks(m):
+            return next(name for name, m in root.named_modules() if _own_user_hooks(m))
+        stack.extend(child for child in m._modules.values() if child is not None)
     return None
 
 
