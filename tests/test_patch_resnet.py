@@ -280,6 +280,24 @@ def test_convert_sync_batchnorm_after_patch_refolds_the_stem(name, monkeypatch):
     assert [type(m) for m in patched.modules()] == [type(m) for m in ref.modules()]
 
 
+@needs_extension
+def test_patching_again_after_convert_sync_batchnorm_compiles_fullgraph():
+    """A compiled graph cannot swap the stem's slot module itself: it says so, and patch() again does it."""
+    model = make("resnet18").eval()
+    ref = sync_bn(copy.deepcopy(model))
+    patched = sync_bn(fastvision.patch(copy.deepcopy(model)))
+    x = images()
+    with torch.no_grad(), pytest.raises(Exception, match="call fastvision.patch.model. again"):
+        torch.compile(patched, fullgraph=True, backend="aot_eager")(x)
+    torch._dynamo.reset()
+    fastvision.patch(patched)
+    assert isinstance(patched.bn1, torch.nn.SyncBatchNorm) and isinstance(patched.bn1, FoldedBatchNorm2d)
+    assert not fastvision.patch_report(patched).skipped
+    with torch.no_grad():
+        out = torch.compile(patched, fullgraph=True, backend="aot_eager")(x)
+        assert_close(out, ref.double()(x.double()), torch.float32)
+
+
 def test_bn_slot_replaced_by_something_else_after_patch_raises():
     patched = fastvision.patch(make("resnet18"))
     patched.bn1 = torch.nn.Identity()

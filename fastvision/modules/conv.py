@@ -310,10 +310,16 @@ class _FoldsSlotBatchNorm:
         object.__setattr__(self, "_slot", (folded, owner, name, act_name))
 
     def slot_bn(self) -> FoldedBatchNorm2d:
+        """The slot's FoldedBatchNorm2d, folding a module swapped into the slot since (see the class)."""
         folded, owner, name, act_name = self._slot
         if owner is not None:
             current = getattr(owner, name)
             if current is not folded:
+                if is_compiling():  # a module cannot be swapped in from inside a compiled graph
+                    raise RuntimeError(
+                        f"{type(owner).__name__}.{name} was replaced after fastvision.patch fused it into the conv "
+                        f"before it: call fastvision.patch(model) again (or run the model once uncompiled) before "
+                        f"compiling, to fold the new module into the stem")
                 folded = _refold_slot(owner, name, current, folded)
                 self._bind_slot(folded, owner, name, act_name)
         return folded
