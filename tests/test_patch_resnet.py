@@ -188,6 +188,45 @@ def test_frozen_bn_training_gradients_match_float64():
         assert_close(p.grad, ref_grads[n].grad, torch.float32, name=f"grad of {n}", tol=1e-4)
 
 
+@needs_extension
+def test_folded_weights_follow_parametrized_and_reassigned_weights():
+    """The fold is cached per chain. A parametrized weight (weight norm, spectral norm, pruning through
+    torch.nn.utils.parametrize) is a new tensor at every access, usually at the last one's address, and a
+    ``.data =`` assignment keeps the version: neither may reuse a stale fold (it did, off by 0.81)."""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.parametrizations import weight_norm
+
+    class Scale(torch.nn.Module):
+        """w * s as a fresh tensor (version 0) at one fixed address: what an allocator that hands the freed
+        block back does, made deterministic."""
+        def __init__(self, like):
+            super().__init__()
+            self.s = torch.nn.Parameter(torch.ones(()))
+            self.register_buffer("block", torch.empty_like(like), persistent=False)
+
+        def forward(self, w):
+            with torch.no_grad():  # evaluation only
+                self.block.copy_(w * self.s)
+            return torch.empty(0, dtype=w.dtype).set_(self.block.untyped_storage(), 0, w.shape, w.stride())
+
+    model = make("resnet18").eval()
+    parametrize.register_parametrization(model.layer1[0].conv1, "weight", Scale(model.layer1[0].conv1.weight))
+    weight_norm(model.layer2[1].conv2)
+    patched = fastvision.patch(copy.deepcopy(model))
+    assert patched.layer1[0].why_not(torch.randn(2, 64, 16, 16)) is None
+    x = images()
+    with torch.no_grad():
+        for step in range(4):
+            for m in (model, patched):
+                m.layer1[0].conv1.parametrizations.weight[0].s.fill_(1.0 + 0.1 * step)
+                m.layer2[1].conv2.parametrizations.weight.original0.mul_(1.05)
+            assert_close(patched(x), model(x), torch.float32)  # eager fp32: the staleness is O(1), not rounding
+        for m in (model, patched):
+            m.layer3[0].conv2.weight.data = m.layer3[0].conv2.weight.data * 0.5
+        assert_close(patched(x), model(x), torch.float32)
+        assert_close(patched(x), copy.deepcopy(model).double()(x.double()), torch.float32)
+
+
 def test_state_dict_keys_identical_and_round_trip_both_ways():
     eager = make("resnet50d").eval()
     assert_patched_checkpoint_loads_unpatched(eager, make("resnet50d"))

@@ -77,7 +77,7 @@ class ConvBnFusion:
 
     def __init__(self, conv: nn.Conv2d, bn: nn.Module):
         self.conv, self.bn = conv, bn
-        self._cache: Optional[Tuple[tuple, Tensor, Tensor]] = None
+        self._cache: Optional[Tuple[tuple, tuple, Tensor, Tensor]] = None
         self._conv_args_of: Optional[tuple] = None
 
     def invalidate(self) -> None:
@@ -115,16 +115,20 @@ class ConvBnFusion:
     def folded(self, dtype: torch.dtype, memory_format: torch.memory_format) -> Tuple[Tensor, Tensor]:
         """(weight, bias) with the BN folded in (float64 math), weight in ``dtype``, bias in float32/64.
 
-        Cached on the sources' tensor versions; under torch.compile the fold is part of the graph instead."""
+        Cached on the source tensors themselves (held, compared by identity), their versions and their data
+        (``.data =`` keeps the version): a weight computed at each access (torch.nn.utils.parametrize: weight
+        norm, spectral norm, pruning) is a new tensor each time, often at the address of the last one, and is
+        folded again. Under torch.compile the fold is part of the graph instead."""
         conv, bn = self.conv, self.bn
         sources = (conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias)
         if is_compiling():
             return self._fold(sources, dtype, memory_format)
         key = (dtype, memory_format, bn.eps, sources[0].device,
                *[None if t is None else (t._version, t.data_ptr()) for t in sources])
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key,) + self._fold(sources, dtype, memory_format)
-        return self._cache[1], self._cache[2]
+        cache = self._cache
+        if cache is None or cache[0] != key or any(a is not b for a, b in zip(cache[1], sources)):
+            cache = self._cache = (key, sources) + self._fold(sources, dtype, memory_format)
+        return cache[2], cache[3]
 
     def _fold(self, sources: tuple, dtype: torch.dtype, memory_format: torch.memory_format) -> Tuple[Tensor, Tensor]:
         with torch.no_grad():
