@@ -14,6 +14,7 @@ from fastvision.modules import transformer
 from fastvision.packing import can_pack
 from fastvision.testing import assert_close
 from fastvision.verify import recording_declines
+from conftest import kernel_devices
 from helpers import randomize_bn
 
 timm = pytest.importorskip("timm")
@@ -61,11 +62,19 @@ def assert_same_records(seen, expected):
             assert_close(got, want, torch.float32, name=name)
 
 
+@pytest.fixture
+def exact_fp32(monkeypatch):
+    """Eager fp32 on CUDA without TF32 (cuDNN convolutions use it by default), so 1e-5 applies."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+
+
+@pytest.mark.parametrize("device", kernel_devices())
 @pytest.mark.parametrize("when", ("before", "after"))
-def test_vit_hooks_run_on_eager_values(when):
-    eager = make_vit(drop_path_rate=0.0)
+def test_vit_hooks_run_on_eager_values(when, device, exact_fp32):
+    eager = make_vit(drop_path_rate=0.0).to(device)
     patched = copy.deepcopy(eager)
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.randn(2, 3, 32, 32, device=device)
     expected, _ = record(eager, VIT_HOOKED)
     expected_pre, _ = record(eager, VIT_HOOKED, pre=True)
     if when == "after":
@@ -81,11 +90,12 @@ def test_vit_hooks_run_on_eager_values(when):
     assert_same_records(seen_pre, expected_pre)
 
 
-def test_grad_cam_style_hooks_on_a_patched_vit():
+@pytest.mark.parametrize("device", kernel_devices())
+def test_grad_cam_style_hooks_on_a_patched_vit(device, exact_fp32):
     """pytorch-grad-cam's ViT recipe: forward and full backward hooks on blocks[-1].norm1."""
-    eager = make_vit()
+    eager = make_vit().to(device)
     patched = fastvision.patch(copy.deepcopy(eager))
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.randn(2, 3, 32, 32, device=device)
     captured = []
     for model in (eager, patched):
         acts, grads = [], []
@@ -146,12 +156,14 @@ def test_hooks_decline_the_packed_multicrop_pass():
     assert can_pack(model) is None
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])])
 @pytest.mark.parametrize("when", ("before", "after"))
-def test_resnet_hooks_run_on_eager_values(when):
+def test_resnet_hooks_run_on_eager_values(when, device, exact_fp32):
     pytest.importorskip("fastvision._C")
-    eager = make_resnet()
+    eager = make_resnet().to(device)
     patched = copy.deepcopy(eager)
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(2, 3, 64, 64, device=device)
     expected, _ = record(eager, RESNET_HOOKED)
     if when == "after":
         fastvision.patch(patched)
@@ -161,9 +173,9 @@ def test_resnet_hooks_run_on_eager_values(when):
     with torch.no_grad():
         assert_close(patched(x), eager(x), torch.float32)
     assert_same_records(seen, expected)
-    why = patched.layer1[0].why_not(torch.randn(2, 64, 16, 16))
+    why = patched.layer1[0].why_not(torch.randn(2, 64, 16, 16, device=device))
     assert why.startswith("hooks on conv1, bn1, act1"), why
-    assert patched.layer2[1].why_not(torch.randn(2, 128, 8, 8)) is None  # blocks without hooks stay fused
+    assert patched.layer2[1].why_not(torch.randn(2, 128, 8, 8, device=device)) is None  # no hooks: fused
 
 
 def test_resnet_stem_hooks():
