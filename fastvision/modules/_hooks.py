@@ -35,7 +35,10 @@ _GLOBAL_DICTS = tuple(getattr(_module, name) for name in _GLOBAL_HOOKS if hasatt
 
 
 def _global_user_hooks() -> bool:
-    return any(_GLOBAL_DICTS) and any(_user_hooks(hooks) for hooks in _GLOBAL_DICTS)
+    for hooks in _GLOBAL_DICTS:
+        if hooks and _user_hooks(hooks):
+            return True
+    return False
 
 
 def _own_user_hooks(m: nn.Module) -> bool:
@@ -46,10 +49,18 @@ def _own_user_hooks(m: nn.Module) -> bool:
 
 def has_hooks(*modules: Optional[nn.Module], global_hooks: bool = True) -> bool:
     """Whether calling any of ``modules`` (None: skipped) would run a user's forward or backward hook,
-    its own or (``global_hooks``) a global one. A few tenths of a microsecond for modules without hooks."""
+    its own or (``global_hooks``) a global one. About 0.2 µs for a few modules without hooks (plain
+    loops: this runs about a hundred times per ViT-S forward)."""
     if global_hooks and _global_user_hooks():
-        return any(m is not None for m in modules)
-    return any(m is not None and _own_user_hooks(m) for m in modules)
+        for m in modules:
+            if m is not None:
+                return True
+        return False
+    for m in modules:
+        if m is not None and (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                              or m._backward_pre_hooks) and _own_user_hooks(m):
+            return True
+    return False
 
 
 def hooked_module(root: nn.Module) -> Optional[str]:
