@@ -134,6 +134,23 @@ def test_modules_swapped_in_after_patching_stay_after_unpatch():
     assert list(model.state_dict()) == list(reference.state_dict())
 
 
+def test_parameters_assigned_after_patching_stay_after_unpatch():
+    """load_state_dict(assign=True) puts new Parameter objects into the patched modules: unpatch keeps them
+    (the restored modules had the old ones: outputs off by 46 before)."""
+    model = make_vit("vit_tiny_patch16_224")
+    reference = copy.deepcopy(model)
+    state = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    fastvision.patch(model)
+    for m in (model, reference):
+        m.load_state_dict(state, assign=True)
+    params = [id(p) for p in model.parameters()]
+    fastvision.unpatch(model)
+    assert [id(p) for p in model.parameters()] == params  # what an optimizer made after the load holds
+    x = images(model)
+    with torch.no_grad():
+        assert torch.equal(model(x), reference(x))
+
+
 def test_patch_options_switch_each_replacement_off():
     model = fastvision.patch(make_vit("vit_tiny_patch16_224"), attention=False, gelu=False,
                              fuse_residual_norm=False)

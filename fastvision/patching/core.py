@@ -159,20 +159,25 @@ def _unpatch_children(parent: nn.Module) -> None:
         while is_replacement(child):
             original = child.__dict__[_ORIGINAL]
             _take_mode(original, child)
-            _keep_swapped_children(original, child)
+            _keep_current_state(original, child)
             share_hooks(original, child)
             setattr(parent, name, original)
             child = original
         _unpatch_children(child)
 
 
-def _keep_swapped_children(original: nn.Module, replacement: nn.Module) -> None:
-    """Children the replacement holds under the original's names (the same objects at patch time) go
-    back to the original as they are now: a module swapped in after patching (a SyncBatchNorm from
-    convert_sync_batchnorm, an adapter around a Linear) stays after unpatch."""
-    for name, child in replacement._modules.items():
-        if original._modules.get(name) is not None and original._modules[name] is not child:
-            original._modules[name] = child
+def _keep_current_state(original: nn.Module, replacement: nn.Module) -> None:
+    """Children, parameters and buffers the replacement holds under the original's names (the same objects
+    at patch time) go back to the original as they are now: a module swapped in after patching (a
+    SyncBatchNorm from convert_sync_batchnorm, an adapter around a Linear) or a Parameter replaced
+    (``load_state_dict(assign=True)``) stays after unpatch."""
+    for kind in ("_modules", "_parameters", "_buffers"):
+        mine, theirs = original.__dict__[kind], replacement.__dict__[kind]
+        if mine is theirs:
+            continue
+        for name, value in theirs.items():
+            if mine.get(name) is not None and value is not None and mine[name] is not value:
+                mine[name] = value
 
 
 def report_of(model: nn.Module) -> Optional[PatchReport]:
