@@ -227,6 +227,24 @@ def test_folded_weights_follow_parametrized_and_reassigned_weights():
         assert_close(patched(x), copy.deepcopy(model).double()(x.double()), torch.float32)
 
 
+@needs_extension
+def test_whole_model_save_and_load_after_a_forward(tmp_path):
+    """torch.save(model) of a patched ResNet failed once a forward had filled the fold caches (their key
+    held a torch.memory_format, which pickle refuses). The loaded model computes the same and unpatches."""
+    model = fastvision.patch(make("resnet50d")).eval()
+    x = images()
+    with torch.no_grad():
+        out = model(x)
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), out)
+    fastvision.unpatch(loaded)
+    assert type(loaded.bn1) is torch.nn.BatchNorm2d
+    with torch.no_grad():
+        assert_close(loaded(x), out, torch.float32)
+
+
 def test_state_dict_keys_identical_and_round_trip_both_ways():
     eager = make("resnet50d").eval()
     assert_patched_checkpoint_loads_unpatched(eager, make("resnet50d"))

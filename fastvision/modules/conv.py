@@ -83,6 +83,11 @@ class ConvBnFusion:
     def invalidate(self) -> None:
         self._cache = None
 
+    def __getstate__(self):
+        """Pickled and deep-copied without the cache (derived data; its key holds a torch.memory_format,
+        which pickle refuses: torch.save(model) failed after a first forward)."""
+        return {**self.__dict__, "_cache": None}
+
     # --- the three paths ------------------------------------------------------------------
     def eager(self, x: Tensor, residual: Optional[Tensor] = None, relu: bool = False) -> Tensor:
         conv = self.conv
