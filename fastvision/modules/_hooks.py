@@ -14,8 +14,8 @@ _INSTANCE_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_
 _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
                  "_global_backward_pre_hooks")
 # Hook dictionaries a replacement shares with the module it replaces (those this torch has).
-SHARED_HOOK_DICTS = tuple(name for name in vars(nn.Module()) if "hook" in name and isinstance(
-    getattr(nn.Module(), name), dict))
+SHARED_HOOK_DICTS = tuple(name for name, value in vars(nn.Module()).items()
+                          if "hook" in name and isinstance(value, dict))
 _INTERNAL = "_fastvision_internal_hook"
 
 
@@ -49,16 +49,12 @@ def _own_user_hooks(m: nn.Module) -> bool:
 
 def has_hooks(*modules: Optional[nn.Module], global_hooks: bool = True) -> bool:
     """Whether calling any of ``modules`` (None: skipped) would run a user's forward or backward hook,
-    its own or (``global_hooks``) a global one. About 0.2 µs for a few modules without hooks (plain
-    loops: this runs about a hundred times per ViT-S forward)."""
+    its own or (``global_hooks``) a global one. About 0.3-0.6 µs for 1-3 modules without hooks; it runs
+    about a hundred times per ViT-S forward."""
     if global_hooks and _global_user_hooks():
-        for m in modules:
-            if m is not None:
-                return True
-        return False
+        return any(m is not None for m in modules)
     for m in modules:
-        if m is not None and (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-                              or m._backward_pre_hooks) and _own_user_hooks(m):
+        if m is not None and _own_user_hooks(m):
             return True
     return False
 

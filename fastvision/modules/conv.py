@@ -308,7 +308,7 @@ class FoldedSyncBatchNorm(FoldedBatchNorm2d, nn.SyncBatchNorm):
         return nn.SyncBatchNorm.forward(self, x)
 
 
-class _FoldsSlotBatchNorm:
+class FoldsSlotBatchNorm:
     """Mixin of a module computing the BatchNorm of a slot of its parent (the ResNet stem's ``bn1``), which
     holds a FoldedBatchNorm2d. A tool that swaps BatchNorm modules after patching replaces that slot
     (``nn.SyncBatchNorm.convert_sync_batchnorm``, which DINO applies to its ResNets): the next forward then
@@ -333,17 +333,24 @@ class _FoldsSlotBatchNorm:
                 self._bind_slot(folded, owner, name, act_name)
         return folded
 
-    def _check_slot_hooks(self, conv: nn.Module) -> None:
-        """The slots' modules no longer compute what their hooks expect (the BatchNorm and act slots are
-        identities): refuse rather than run hooks on the wrong values. Global hooks (module trackers such
-        as FlopCounterMode's) are let through: they are not registered on these modules."""
-        folded, owner, name, act_name = self._slot
+    def folds_slot_of(self, owner: nn.Module) -> bool:
+        """Whether this module computes the BatchNorm in a slot of ``owner``."""
+        return self._slot[1] is owner
+
+    def checked_slot_bn(self, conv: nn.Module) -> FoldedBatchNorm2d:
+        """slot_bn(), for fusing ``conv`` with it now. The slots' modules no longer compute what their hooks
+        expect (the BatchNorm and act slots are identities): refuse rather than run hooks on the wrong values.
+        Global hooks (module trackers such as FlopCounterMode's) are let through: they are not registered on
+        these modules."""
+        _, owner, name, act_name = self._slot
+        bn = self.slot_bn()
         act = getattr(owner, act_name, None) if owner is not None and act_name else None
-        if has_hooks(self, conv, self.slot_bn(), act, global_hooks=False):
+        if has_hooks(self, conv, bn, act, global_hooks=False):
             raise RuntimeError(
                 f"hooks were registered on the fused stem of {type(owner).__name__} ({name} and the conv and "
                 f"activation around it) after fastvision.patch: those modules now compute conv -> BN -> ReLU in "
                 f"one. Register them before patching (the stem then stays unfused), or fastvision.unpatch first.")
+        return bn
 
 
 def _refold_slot(owner: nn.Module, name: str, current: nn.Module, folded: FoldedBatchNorm2d) -> FoldedBatchNorm2d:
@@ -362,11 +369,11 @@ def _refold_slot(owner: nn.Module, name: str, current: nn.Module, folded: Folded
     return refolded
 
 
-class FusedConv2d(_FusionOwner, _FoldsSlotBatchNorm, nn.Conv2d):
+class FusedConv2d(_FusionOwner, FoldsSlotBatchNorm, nn.Conv2d):
     """Stands in a conv slot and computes conv -> the next slot's BatchNorm -> ReLU (those slots become identities).
 
     Holds the original conv's parameters under the same names (the same tensors). ``owner``: the module
-    whose ``bn_slot`` holds ``bn`` (see _FoldsSlotBatchNorm); None for a conv used on its own.
+    whose ``bn_slot`` holds ``bn`` (see FoldsSlotBatchNorm); None for a conv used on its own.
     """
 
     @classmethod
@@ -381,18 +388,17 @@ class FusedConv2d(_FusionOwner, _FoldsSlotBatchNorm, nn.Conv2d):
         return new
 
     def forward(self, x: Tensor) -> Tensor:
-        self._check_slot_hooks(self)
-        return fusion_for(self, self, self.slot_bn(), ("self", "bn"))(x, relu=self.fused_relu)
+        return fusion_for(self, self, self.checked_slot_bn(self), ("self", "bn"))(x, relu=self.fused_relu)
 
     def why_not(self, x: Tensor) -> Optional[str]:
         return fusion_for(self, self, self.slot_bn(), ("self", "bn")).decline(x)
 
 
-class FusedSequential(_FusionOwner, _FoldsSlotBatchNorm, nn.Sequential):
+class FusedSequential(_FusionOwner, FoldsSlotBatchNorm, nn.Sequential):
     """nn.Sequential with its conv -> BatchNorm (-> ReLU) runs fused; the same children under the same names.
 
     ``tail_bn``/``tail_relu``: a BatchNorm (a FoldedBatchNorm2d in the ``bn_slot`` of ``owner``) that follows
-    the last conv outside the Sequential, as in the deep stem of resnet*d (see _FoldsSlotBatchNorm).
+    the last conv outside the Sequential, as in the deep stem of resnet*d (see FoldsSlotBatchNorm).
     """
 
     def __init__(self, seq: nn.Sequential, tail_bn: Optional[FoldedBatchNorm2d] = None, tail_relu: bool = False,
@@ -416,13 +422,13 @@ class FusedSequential(_FusionOwner, _FoldsSlotBatchNorm, nn.Sequential):
             _, conv_name, bn_name, act_name = step
             conv = self._modules[conv_name]
             if bn_name is None:
-                self._check_slot_hooks(conv)
-            elif has_hooks(conv, self._modules[bn_name], self._modules.get(act_name)):
-                for name in (conv_name, bn_name, act_name):  # called, so their hooks run
-                    x = x if name is None else self._modules[name](x)
-                continue
-            bn = self.slot_bn() if bn_name is None else self._modules[bn_name]
-            relu = self.tail_relu if bn_name is None else act_name is not None
+                bn, relu = self.checked_slot_bn(conv), self.tail_relu
+            else:
+                bn, relu = self._modules[bn_name], act_name is not None
+                if has_hooks(conv, bn, self._modules.get(act_name)):
+                    for name in (conv_name, bn_name, act_name):  # called, so their hooks run
+                        x = x if name is None else self._modules[name](x)
+                    continue
             x = fusion_for(self, conv, bn, (conv_name, str(bn_name)))(x, relu=relu)
         return x
 

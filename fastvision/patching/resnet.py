@@ -92,8 +92,8 @@ def _build_stem(m: nn.Module, options) -> Union[Dict[str, nn.Module], str]:
     act = getattr(m, act_name, None)
     if isinstance(bn, conv_modules.FoldedBatchNorm2d):
         return {}  # already patched
-    if getattr(conv, "_slot", (None, None))[1] is m:  # patched, then bn1 replaced (convert_sync_batchnorm)
-        conv.slot_bn()  # folds the new module in its place
+    if isinstance(conv, conv_modules.FoldsSlotBatchNorm) and conv.folds_slot_of(m):
+        conv.slot_bn()  # patched, then bn1 replaced (convert_sync_batchnorm): folds the new module in its place
         return {}
     last_conv = conv[-1] if isinstance(conv, nn.Sequential) and len(conv) else conv
     reason = conv_modules.conv_decline(last_conv) or conv_modules.bn_decline(bn, last_conv)
